@@ -1,0 +1,31 @@
+"""Lightning callbacks of this project."""
+
+import logging
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+
+class EpochSummary(Callback):
+    """Logs one plain line per epoch: its number, metrics and duration.
+
+    Readable in log files and batch jobs, where progress bars are off.
+    """
+
+    def __init__(self, keys: tuple[str, ...] = ("train/loss_epoch", "val/loss", "val/acc")) -> None:
+        self.keys = keys
+        self._epoch_start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        figures = "  ".join(f"{key} {metrics[key]:.4f}" for key in self.keys if key in metrics)
+        seconds = time.perf_counter() - self._epoch_start
+        log.info(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {figures}  ({seconds:.1f} s)"
+        )

@@ -1,0 +1,24 @@
+"""Known harmless library messages, silenced in this one place so that real warnings stand out."""
+
+import logging
+import warnings
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def silence_known_noise() -> None:
+    # Lightning 2.6 builds torch's LeafSpec, which torch 2.14 deprecates; nothing for us to change.
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
+    )
+    # Our loaders slice in-memory tensors on purpose: worker processes would only add overhead.
+    warnings.filterwarnings("ignore", message=r".*does not have many workers")
+    # An advertisement for a hosted service, printed at every Trainer start.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip"))

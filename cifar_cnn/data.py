@@ -1,0 +1,245 @@
+"""CIFAR-10 as a LightningDataModule: decoded once into a uint8 tensor cache, batched by indexing.
+
+Two source layouts are accepted under `data_dir`:
+- torchvision's `cifar-10-batches-py/` (downloaded there when absent and `download` is true);
+- an image-folder tree `train/<class>/*.jpg` and `test/<class>/*.jpg`, the offline form.
+Either is decoded once into `cache_dir` (never into `data_dir`, which may be read-only).
+"""
+
+import hashlib
+import os
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_convert
+from torchvision.datasets import CIFAR10
+
+from cifar_cnn.errors import DataNotFoundError, UserError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DATA_DIR_ENV = "CIFAR10_DIR"
+IMAGE_SHAPE = (3, 32, 32)
+TORCHVISION_FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
+CACHE_FORMAT = 1  # bump when the cache's content or layout changes
+
+
+class InMemoryDataset(Dataset):
+    """Uint8 images and int64 labels in memory, fetched a whole batch at a time.
+
+    `DataLoader` hands `__getitems__` the indices of a batch, so a batch costs one tensor
+    index: no per-sample Python work, no collation.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+class CIFAR10DataModule(L.LightningDataModule):
+    """CIFAR-10 with a seeded train/val split of the 50,000 training images; test = the 10,000."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        cache_dir: str | Path,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        download: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        # Paths as strings: checkpoints hold plain values only, so they load weights-only.
+        self.hparams.update(data_dir=str(data_dir), cache_dir=str(cache_dir))
+        self.data_dir = Path(data_dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.data_train: InMemoryDataset | None = None
+        self.data_val: InMemoryDataset | None = None
+        self.data_test: InMemoryDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(CLASSES)
+
+    def prepare_data(self) -> None:
+        """Downloads (torchvision layout, when online) and decodes into the cache, once per node."""
+        if self.cache_path.exists():
+            return
+        train, test = self._decode_source()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = {
+            "train_images": train[0],
+            "train_labels": train[1],
+            "test_images": test[0],
+            "test_labels": test[1],
+        }
+        # Write then rename: a run killed mid-write, or a second run building the same
+        # cache at once, never leaves a half-written file under the final name.
+        partial = self.cache_path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(cache, partial)
+        os.replace(partial, self.cache_path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_train is not None:
+            return
+        cache = torch.load(self.cache_path, weights_only=True)
+        images, labels = cache["train_images"], cache["train_labels"]
+        num_val = round(len(labels) * self.hparams.val_fraction)
+        # Seeded apart from the run's seed: every run of a sweep validates on the same images.
+        order = torch.randperm(
+            len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed)
+        )
+        val_index, train_index = order[:num_val], order[num_val:]
+        self.data_train = InMemoryDataset(images[train_index], labels[train_index])
+        self.data_val = InMemoryDataset(images[val_index], labels[val_index])
+        self.data_test = InMemoryDataset(cache["test_images"], cache["test_labels"])
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, self.hparams.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(
+        self, batch: tuple[Tensor, Tensor], dataloader_idx: int
+    ) -> tuple[Tensor, Tensor]:
+        """Scales uint8 images to floats in [0, 1] on the device: a quarter of the bytes travel."""
+        images, labels = batch
+        return to_float_images(images), labels
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=default_convert,  # __getitems__ already returns whole batches
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=self.hparams.pin_memory,
+        )
+
+    @cached_property
+    def cache_path(self) -> Path:
+        """The cache file for the source as it is now: a changed source gets a new file."""
+        digest = hashlib.sha256(f"format {CACHE_FORMAT}\n{self.data_dir.resolve()}\n".encode())
+        for path in self._source_files():
+            stat = path.stat()
+            digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        return self.cache_dir / f"cifar10-{digest.hexdigest()[:16]}.pt"
+
+    def _layout(self) -> str:
+        """Which layout data_dir holds; downloads the torchvision batches when allowed."""
+        if (self.data_dir / "train").is_dir() and (self.data_dir / "test").is_dir():
+            return "folders"
+        if (self.data_dir / TORCHVISION_FOLDER).is_dir():
+            return "torchvision"
+        if not self.hparams.download:
+            raise DataNotFoundError(_missing_data_message(self.data_dir))
+        try:
+            CIFAR10(self.data_dir, train=True, download=True)
+        except OSError as error:  # no network, DNS failure, unwritable data_dir, ...
+            raise DataNotFoundError(
+                _missing_data_message(self.data_dir, f"the download failed: {error}")
+            ) from error
+        return "torchvision"
+
+    def _source_files(self) -> list[Path]:
+        if self._layout() == "torchvision":
+            folder = self.data_dir / TORCHVISION_FOLDER
+            return [folder / name for name, _ in CIFAR10.train_list + CIFAR10.test_list]
+        return [path for split in ("train", "test") for path, _ in self._folder_files(split)]
+
+    def _folder_files(self, split: str) -> list[tuple[Path, int]]:
+        """(image path, label) for every file under `<data_dir>/<split>/<class>/`, sorted."""
+        split_dir = self.data_dir / split
+        files = []
+        for label, name in enumerate(CLASSES):
+            class_dir = split_dir / name
+            if not class_dir.is_dir():
+                raise DataNotFoundError(
+                    f"class folder {class_dir} is missing: an image-folder data set needs "
+                    f"one folder per CIFAR-10 class under {split_dir} ({', '.join(CLASSES)})"
+                )
+            names = sorted(entry.name for entry in os.scandir(class_dir) if entry.is_file())
+            files += [(class_dir / name, label) for name in names]
+        if not files:
+            raise DataNotFoundError(f"no image files under {split_dir}")
+        return files
+
+    def _decode_source(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        if self._layout() == "torchvision":
+            return _read_torchvision(self.data_dir, train=True), _read_torchvision(
+                self.data_dir, train=False
+            )
+        return self._read_folder("train"), self._read_folder("test")
+
+    def _read_folder(self, split: str) -> tuple[Tensor, Tensor]:
+        files = self._folder_files(split)
+        images = torch.empty((len(files), *IMAGE_SHAPE), dtype=torch.uint8)
+        for i, (path, _) in enumerate(files):
+            images[i] = _decode(path)
+        labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+        return images, labels
+
+
+def to_float_images(images: Tensor) -> Tensor:
+    """uint8 images (N, 3, H, W) to float32 in [0, 1], the scale the seed trained on."""
+    return images.float().div_(255)
+
+
+def _decode(path: Path) -> Tensor:
+    try:
+        with Image.open(path) as image:
+            pixels = np.array(image.convert("RGB"))
+    except OSError as error:  # PIL's error for unreadable, truncated and non-image files
+        raise UserError(f"cannot decode image {path}: {error}") from error
+    if pixels.shape != (32, 32, 3):
+        raise UserError(
+            f"image {path} is {pixels.shape[1]}x{pixels.shape[0]}, CIFAR-10's are 32x32"
+        )
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def _read_torchvision(data_dir: Path, train: bool) -> tuple[Tensor, Tensor]:
+    try:
+        dataset = CIFAR10(data_dir, train=train, download=False)
+    except RuntimeError as error:  # torchvision's checksum test failed
+        raise UserError(
+            f"the CIFAR-10 batches in {data_dir / TORCHVISION_FOLDER} are incomplete or corrupt "
+            f"({error}); delete that folder to download them again"
+        ) from error
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return images, torch.tensor(dataset.targets, dtype=torch.int64)
+
+
+def _missing_data_message(data_dir: Path, reason: str | None = None) -> str:
+    lines = [
+        f"no CIFAR-10 data in {data_dir.resolve()}" + (f" ({reason})" if reason else "") + ".",
+        f"Point data.data_dir (or the environment variable {DATA_DIR_ENV}) at a folder holding",
+        f"  - torchvision's {TORCHVISION_FOLDER}/ batches (downloaded there when online), or",
+        "  - an image-folder tree: train/<class>/*.jpg and test/<class>/*.jpg.",
+    ]
+    return "\n".join(lines)

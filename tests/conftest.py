@@ -1,0 +1,78 @@
+"""Fixtures: the real data set, small image-folder trees, and composed configs for tmp folders."""
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from cifar_cnn.console import silence_known_noise
+from cifar_cnn.data import CLASSES, DATA_DIR_ENV
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    silence_known_noise()  # again: pytest drops the filters set while it imports test modules
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real CIFAR-10 data named by CIFAR10_DIR: skipped without it, an error in CI."""
+    value = os.environ.get(DATA_DIR_ENV)
+    if not value or not Path(value).is_dir():
+        message = f"set {DATA_DIR_ENV} to a CIFAR-10 folder to run the tests on real data"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(value)
+
+
+def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """Writes random 32x32 JPEGs as `<root>/<split>/<class>/NNNN.jpg`; returns root."""
+    generator = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for name in CLASSES:
+            class_dir = root / split / name
+            class_dir.mkdir(parents=True)
+            for i in range(count):
+                pixels = generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(class_dir / f"{i:04d}.jpg")
+    return root
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path: Path) -> Path:
+    """An image-folder tree of 10 train and 4 test images per class."""
+    return make_image_folder(tmp_path / "tiny-cifar", {"train": 10, "test": 4})
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decode cache for the session: CIFAR_CNN_CACHE_DIR when set, else a fresh folder."""
+    value = os.environ.get("CIFAR_CNN_CACHE_DIR")
+    return Path(value) if value else tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def compose_config(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
+    """Composes conf/train.yaml with overrides, as train.py would, each run in its own folder."""
+
+    def compose_with(*overrides: str) -> DictConfig:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} as inside a real run
+        with open_dict(cfg):
+            cfg.paths.output_dir = tempfile.mkdtemp(prefix="run-", dir=tmp_path)
+            cfg.paths.log_dir = str(tmp_path / "outputs")
+            cfg.paths.cache_dir = str(cache_dir)
+            del cfg.hydra
+        return cfg
+
+    return compose_with

@@ -1,0 +1,62 @@
+"""Every config in conf/ composes, and instantiate builds every object it describes."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cifar_cnn.data import CIFAR10DataModule
+from cifar_cnn.module import ImageClassifier
+
+from .conftest import CONFIG_DIR
+
+GROUPS = ("paths", "data", "model", "trainer", "callbacks", "logger", "experiment", "debug")
+OPTIONS = [
+    f"{group}={path.stem}"
+    for group in GROUPS
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
+]
+
+
+def test_every_group_has_an_option() -> None:
+    assert {option.split("=")[0] for option in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_config_option_composes_and_instantiates(
+    option: str, compose_config: Callable[..., DictConfig]
+) -> None:
+    cfg = compose_config(option)
+    assert isinstance(instantiate(cfg.data), CIFAR10DataModule)
+    assert isinstance(instantiate(cfg.model), ImageClassifier)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        return  # composes; building a GPU trainer needs a GPU
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    assert isinstance(trainer, L.Trainer)
+
+
+def test_default_config_is_the_seed_experiment(compose_config: Callable[..., DictConfig]) -> None:
+    cfg = compose_config()
+    assert cfg.data.batch_size == 64
+    assert cfg.data.val_fraction == 0.2
+    assert cfg.trainer.max_epochs == 10
+    assert cfg.trainer.accelerator == "auto"
+    assert cfg.model.optimizer.lr == 1e-3
+    assert cfg.optimized_metric == "val/acc_best"
+    seed = compose_config("experiment=seed_keras")
+    assert seed.data == cfg.data and seed.model == cfg.model
+    assert seed.trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_data_dir_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "elsewhere"))
+    assert compose_config().data.data_dir == str(tmp_path / "elsewhere")
+    assert compose_config("data.data_dir=/mnt/cifar").data.data_dir == "/mnt/cifar"

@@ -1,0 +1,150 @@
+import pickle
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import CIFAR10
+
+from cifar_cnn.data import CLASSES, CIFAR10DataModule
+from cifar_cnn.errors import DataNotFoundError
+
+from .conftest import make_image_folder
+
+
+def ready(data_dir: Path, cache_dir: Path, **kwargs) -> CIFAR10DataModule:
+    datamodule = CIFAR10DataModule(data_dir, cache_dir, **kwargs)
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
+
+
+def folder_contents(root: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def real(data_dir: Path, cache_dir: Path) -> CIFAR10DataModule:
+    return ready(data_dir, cache_dir)
+
+
+def test_real_split_sizes(real: CIFAR10DataModule) -> None:
+    assert (len(real.data_train), len(real.data_val), len(real.data_test)) == (
+        40_000,
+        10_000,
+        10_000,
+    )
+
+
+def test_real_labels_are_cifar10_order_and_balanced(
+    real: CIFAR10DataModule, data_dir: Path
+) -> None:
+    train_labels = torch.cat([real.data_train.labels, real.data_val.labels])
+    assert torch.bincount(train_labels).tolist() == [5000] * 10
+    assert torch.bincount(real.data_test.labels).tolist() == [1000] * 10
+    # The test set keeps the folder's order: class by class, files sorted by name.
+    for label, name in enumerate(CLASSES):
+        first = np.array(Image.open(data_dir / "test" / name / "0000.jpg"))
+        assert torch.equal(
+            real.data_test.images[label * 1000], torch.from_numpy(first).permute(2, 0, 1)
+        )
+        assert real.data_test.labels[label * 1000] == label
+
+
+def test_real_batches_are_uint8_then_floats_in_unit_range(real: CIFAR10DataModule) -> None:
+    images, labels = next(iter(real.train_dataloader()))
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.shape == (64,) and labels.dtype == torch.int64
+    floats, same_labels = real.on_after_batch_transfer((images, labels), 0)
+    assert floats.dtype == torch.float32 and same_labels is labels
+    assert 0.0 <= floats.min() < 0.1 and 0.9 < floats.max() <= 1.0
+    assert torch.allclose(floats * 255, images.float())
+
+
+def test_val_images_come_from_the_training_set_only(real: CIFAR10DataModule) -> None:
+    val = {bytes(image.numpy()) for image in real.data_val.images[:500]}
+    train = {bytes(image.numpy()) for image in real.data_train.images}
+    test = {bytes(image.numpy()) for image in real.data_test.images}
+    assert not val & train and not val & test
+
+
+def test_split_is_seeded_and_stable(tiny_data_dir: Path, tmp_path: Path) -> None:
+    first = ready(tiny_data_dir, tmp_path / "cache", val_fraction=0.3, split_seed=7)
+    again = ready(tiny_data_dir, tmp_path / "cache", val_fraction=0.3, split_seed=7)
+    other = ready(tiny_data_dir, tmp_path / "cache", val_fraction=0.3, split_seed=8)
+    assert (len(first.data_train), len(first.data_val), len(first.data_test)) == (70, 30, 40)
+    assert torch.equal(first.data_val.images, again.data_val.images)
+    assert not torch.equal(first.data_val.images, other.data_val.images)
+
+
+def test_cache_lives_outside_the_data_and_is_reused(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = folder_contents(tiny_data_dir)
+    first = ready(tiny_data_dir, tmp_path / "cache")
+    assert folder_contents(tiny_data_dir) == before
+    assert first.cache_path.parent == tmp_path / "cache" and first.cache_path.is_file()
+
+    monkeypatch.setattr("cifar_cnn.data._decode", lambda path: pytest.fail(f"decoded {path}"))
+    second = ready(tiny_data_dir, tmp_path / "cache")
+    assert torch.equal(second.data_test.images, first.data_test.images)
+
+
+def test_cache_is_rebuilt_when_the_source_changes(tiny_data_dir: Path, tmp_path: Path) -> None:
+    first = ready(tiny_data_dir, tmp_path / "cache")
+    make_image_folder(tmp_path / "other", {"test": 4}, seed=1)
+    replacement = tmp_path / "other" / "test" / "bird" / "0001.jpg"
+    replacement.replace(tiny_data_dir / "test" / "bird" / "0001.jpg")
+    second = ready(tiny_data_dir, tmp_path / "cache")
+    assert second.cache_path != first.cache_path
+    changed = 2 * 4 + 1  # bird is class 2, four test images per class
+    assert not torch.equal(second.data_test.images[changed], first.data_test.images[changed])
+    assert torch.equal(second.data_test.images[changed + 1], first.data_test.images[changed + 1])
+
+
+def test_torchvision_batches_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The online layout: torchvision's pickled batches (checksums waived for fake ones)."""
+    folder = tmp_path / "data" / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    expected = {}
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        rows = rng.integers(0, 256, (20, 3 * 32 * 32), dtype=np.uint8)  # channel planes per row
+        labels = rng.integers(0, 10, 20).tolist()
+        (folder / name).write_bytes(pickle.dumps({"data": rows, "labels": labels}))
+        expected[name] = (torch.from_numpy(rows).view(20, 3, 32, 32), torch.tensor(labels))
+    (folder / CIFAR10.meta["filename"]).write_bytes(pickle.dumps({"label_names": list(CLASSES)}))
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
+
+    datamodule = ready(tmp_path / "data", tmp_path / "cache", download=False)
+    assert torch.equal(datamodule.data_test.images, expected["test_batch"][0])
+    assert torch.equal(datamodule.data_test.labels, expected["test_batch"][1])
+    assert len(datamodule.data_train) + len(datamodule.data_val) == 100
+
+
+def test_missing_data_names_the_folder_the_variable_and_the_layouts(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError) as error:
+        ready(tmp_path / "nowhere", tmp_path / "cache", download=False)
+    message = str(error.value)
+    assert str((tmp_path / "nowhere").resolve()) in message
+    for expected in ("CIFAR10_DIR", "data.data_dir", "cifar-10-batches-py", "train/<class>/*.jpg"):
+        assert expected in message
+
+
+def test_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr("cifar_cnn.data.CIFAR10", offline)
+    with pytest.raises(DataNotFoundError, match="the download failed: .*Name or service not known"):
+        ready(tmp_path / "nowhere", tmp_path / "cache", download=True)
+
+
+def test_missing_class_folder_is_named(tiny_data_dir: Path, tmp_path: Path) -> None:
+    for path in (tiny_data_dir / "train" / "frog").iterdir():
+        path.unlink()
+    (tiny_data_dir / "train" / "frog").rmdir()
+    with pytest.raises(DataNotFoundError, match=r"train/frog is missing"):
+        ready(tiny_data_dir, tmp_path / "cache")

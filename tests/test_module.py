@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from cifar_cnn.data import CIFAR10DataModule
+from cifar_cnn.module import ImageClassifier
+
+NET = {"_target_": "cifar_cnn.nets.SeedCNN", "hidden_units": 32}
+ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-4}
+
+
+@pytest.fixture
+def trained(tiny_data_dir: Path, tmp_path: Path) -> tuple[L.Trainer, ImageClassifier]:
+    model = ImageClassifier(net=NET, optimizer=ADAM)
+    trainer = L.Trainer(
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
+    return trainer, model
+
+
+def test_optimizer_comes_from_the_partial_config() -> None:
+    optimizer = ImageClassifier(net=NET, optimizer=ADAM).configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.param_groups[0]["lr"] == 3e-4
+
+
+def test_training_changes_the_weights(trained: tuple[L.Trainer, ImageClassifier]) -> None:
+    trainer, model = trained
+    assert trainer.global_step == 3
+    assert not torch.equal(
+        model.net.head[-1].weight, ImageClassifier(NET, ADAM).net.head[-1].weight
+    )
+
+
+def test_checkpoint_reloads_without_hydra_and_predicts_the_same(
+    trained: tuple[L.Trainer, ImageClassifier], tmp_path: Path
+) -> None:
+    trainer, model = trained
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path, weights_only=False)  # the full checkpoint, as training saves
+
+    checkpoint = torch.load(path, weights_only=True)  # plain values only: no pickled objects
+    assert checkpoint["hyper_parameters"] == {"net": NET, "optimizer": ADAM, "num_classes": 10}
+
+    reloaded = ImageClassifier.load_from_checkpoint(
+        path, map_location="cpu", weights_only=True
+    ).eval()
+    images = torch.rand(8, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(reloaded(images), model.eval()(images))

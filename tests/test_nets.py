@@ -1,0 +1,24 @@
+import torch
+
+from cifar_cnn.nets import SeedCNN
+
+
+def test_seed_cnn_has_the_keras_parameter_count() -> None:
+    assert sum(p.numel() for p in SeedCNN().parameters()) == 315_722
+
+
+def test_seed_cnn_maps_images_to_logits() -> None:
+    net = SeedCNN()
+    logits = net(torch.rand(8, 3, 32, 32))
+    assert logits.shape == (8, 10)
+    assert logits.dtype == torch.float32
+    logits.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_seed_cnn_layers_follow_the_config() -> None:
+    net = SeedCNN(num_classes=5, conv_channels=(16, 32, 64), hidden_units=64, dropout=0.5)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    # 32 -> conv 30 -> pool 15 -> conv 13 -> pool 6 -> conv 4 -> pool 2: 64 * 2 * 2 features.
+    assert net.head[1].in_features == 256
+    assert net.head[3].p == 0.5

@@ -1,0 +1,133 @@
+"""Training runs through train.py's code path: in-process on composed configs, and as a command."""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from cifar_cnn.data import CIFAR10DataModule
+from cifar_cnn.module import ImageClassifier
+from cifar_cnn.training import REPORTED_METRICS, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FEW_BATCHES = (
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=5",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+)
+
+
+def run_train_py(*overrides: str, cache_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    command = [sys.executable, str(ROOT / "train.py"), *overrides]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_smoke_run_writes_checkpoints_events_and_metrics(
+    compose_config: Callable[..., DictConfig], data_dir: Path
+) -> None:
+    cfg = compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}")
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert set(REPORTED_METRICS) <= metrics.keys() and metrics["epochs"] == 2
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and Path(metrics["best_checkpoint"]).name in checkpoints
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    curves = {"train/loss_step", "train/loss_epoch", "train/acc_step", "train/acc_epoch"}
+    assert curves | {"val/loss", "val/acc", "val/acc_best", "test/acc"} <= scalars
+    assert events.Scalars("val/acc_best")[-1].value == pytest.approx(metrics["val/acc_best"])
+    session = HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
+    assert session.hparams["model/optimizer/lr"].number_value == pytest.approx(1e-3)
+    assert session.hparams["data/batch_size"].number_value == 64
+
+
+def test_best_checkpoint_reproduces_the_reported_test_accuracy(
+    compose_config: Callable[..., DictConfig], data_dir: Path, cache_dir: Path
+) -> None:
+    metrics = train(compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}"))
+    model = ImageClassifier.load_from_checkpoint(
+        metrics["best_checkpoint"], map_location="cpu", weights_only=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", limit_test_batches=2, logger=False, enable_progress_bar=False
+    )
+    [retested] = trainer.test(model, CIFAR10DataModule(data_dir, cache_dir), verbose=False)
+    assert retested["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert torch.load(metrics["best_checkpoint"], weights_only=True)["epoch"] in (0, 1)
+
+
+def test_same_seed_same_metrics(compose_config: Callable[..., DictConfig], data_dir: Path) -> None:
+    first = train(compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}"))
+    second = train(compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}"))
+    assert {k: first[k] for k in REPORTED_METRICS} == {k: second[k] for k in REPORTED_METRICS}
+
+
+def test_train_py_runs_quietly_and_saves_its_config(
+    data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train_py(
+        "debug=fast_dev_run", f"data.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+        cache_dir=cache_dir, cwd=tmp_path,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Test accuracy" in output
+    assert "Warning" not in output and "Traceback" not in output
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "metrics.json").is_file()
+
+
+def test_train_py_without_data_says_what_to_do(cache_dir: Path, tmp_path: Path) -> None:
+    result = run_train_py(
+        f"data.data_dir={tmp_path / 'no-data'}", "data.download=false",
+        f"hydra.run.dir={tmp_path / 'run'}", cache_dir=cache_dir, cwd=tmp_path,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"no CIFAR-10 data in {tmp_path / 'no-data'}" in output and "CIFAR10_DIR" in output
+    assert "Traceback" not in output
+
+
+def test_multirun_gives_each_job_its_own_folder(
+    data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = run_train_py(
+        "-m", "model.optimizer.lr=1e-3,3e-4", "debug=fast_dev_run", f"data.data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep_dir}", cache_dir=cache_dir, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for job, lr in (("0", "0.001"), ("1", "0.0003")):
+        assert (
+            f"model.optimizer.lr={lr}"
+            in (sweep_dir / job / ".hydra" / "overrides.yaml").read_text()
+        )
+        assert (sweep_dir / job / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_one_epoch_on_the_full_data_learns(
+    compose_config: Callable[..., DictConfig], data_dir: Path
+) -> None:
+    metrics = train(compose_config("trainer.max_epochs=1", f"data.data_dir={data_dir}"))
+    assert metrics["test/acc"] >= 0.45
