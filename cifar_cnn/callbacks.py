@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 class EpochSummary(Callback):
     """Logs one plain line per epoch: its number, metrics and duration.
 
-    Readable in log files and batch jobs, where progress bars are off.
+    Readable in log files and batch jobs, where progress bars are off. Epochs count from 0,
+    as in Lightning's progress bar and the checkpoint names (epoch_009.ckpt is the 10th).
     """
 
     def __init__(self, keys: tuple[str, ...] = ("train/loss_epoch", "val/loss", "val/acc")) -> None:
@@ -26,6 +27,7 @@ class EpochSummary(Callback):
         metrics = trainer.callback_metrics
         figures = "  ".join(f"{key} {metrics[key]:.4f}" for key in self.keys if key in metrics)
         seconds = time.perf_counter() - self._epoch_start
+        epoch = trainer.current_epoch
         log.info(
-            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {figures}  ({seconds:.1f} s)"
+            f"epoch {epoch:03d} ({epoch + 1}/{trainer.max_epochs})  {figures}  ({seconds:.1f} s)"
         )

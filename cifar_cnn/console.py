@@ -18,7 +18,7 @@ def silence_known_noise() -> None:
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
     )
-    # Our loaders slice in-memory tensors on purpose: worker processes would only add overhead.
+    # Our batches are slices of in-memory tensors: loader worker processes would only add cost.
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
     # An advertisement for a hosted service, printed at every Trainer start.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip"))

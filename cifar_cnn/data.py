@@ -62,8 +62,6 @@ class CIFAR10DataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         split_seed: int = 0,
         download: bool = True,
-        num_workers: int = 0,
-        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -74,10 +72,6 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_train: InMemoryDataset | None = None
         self.data_val: InMemoryDataset | None = None
         self.data_test: InMemoryDataset | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(CLASSES)
 
     def prepare_data(self) -> None:
         """Downloads (torchvision layout, when online) and decodes into the cache, once per node."""
@@ -136,9 +130,6 @@ class CIFAR10DataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=default_convert,  # __getitems__ already returns whole batches
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            pin_memory=self.hparams.pin_memory,
         )
 
     @cached_property

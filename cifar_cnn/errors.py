@@ -5,5 +5,5 @@ class UserError(Exception):
     """An expected problem with the user's data or settings, explained in its message."""
 
 
-class DataNotFoundError(UserError, FileNotFoundError):
+class DataNotFoundError(UserError):
     """No CIFAR-10 data where the config points, and it could not be downloaded."""

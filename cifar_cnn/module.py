@@ -30,41 +30,38 @@ class ImageClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
 
-    def on_train_start(self) -> None:
-        # The sanity check's few validation batches must not count towards the best accuracy.
-        self.val_acc.reset()
-        self.val_acc_best.reset()
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        logits, labels = self(batch[0]), batch[1]
-        loss = F.cross_entropy(logits, labels)
-        self.train_acc(logits, labels)  # forward(), not update(): the per-step value is logged too
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
-        return loss
+        return self._step(batch, "train")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc)
+        self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # its few batches before training are no result
+            return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+        self._step(batch, "test")
 
     def configure_optimizers(self) -> Optimizer:
         make_optimizer = instantiate(self.hparams.optimizer)  # a `_partial_` config
         return make_optimizer(params=self.parameters())
 
-    def _evaluate(
-        self, batch: tuple[Tensor, Tensor], split: str, accuracy: MulticlassAccuracy
-    ) -> None:
-        logits, labels = self(batch[0]), batch[1]
-        accuracy.update(logits, labels)
-        self.log(f"{split}/loss", F.cross_entropy(logits, labels), prog_bar=split == "val")
-        self.log(f"{split}/acc", accuracy, prog_bar=split == "val")
+    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+        """Loss and accuracy of one batch, logged as `<split>/loss` and `<split>/acc`."""
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        accuracy = getattr(self, f"{split}_acc")
+        accuracy(logits, labels)  # forward(), not update(): training logs per-step values too
+        per_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=per_step, on_epoch=True, prog_bar=split != "test")
+        self.log(f"{split}/acc", accuracy, on_step=per_step, on_epoch=True, prog_bar=split == "val")
+        return loss

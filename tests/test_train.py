@@ -9,16 +9,16 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.module import ImageClassifier
-from cifar_cnn.training import REPORTED_METRICS, train
+from cifar_cnn.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("val/acc_best", "test/acc", "test/loss")
 FEW_BATCHES = (
     "trainer.accelerator=cpu",
     "trainer.max_epochs=2",
@@ -43,21 +43,25 @@ def test_smoke_run_writes_checkpoints_events_and_metrics(
     run_dir = Path(cfg.paths.output_dir)
 
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
-    assert set(REPORTED_METRICS) <= metrics.keys() and metrics["epochs"] == 2
+    assert set(FIGURES) <= metrics.keys() and metrics["epochs"] == 2
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and Path(metrics["best_checkpoint"]).name in checkpoints
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    scalars = set(events.Tags()["scalars"])
     curves = {"train/loss_step", "train/loss_epoch", "train/acc_step", "train/acc_epoch"}
-    assert curves | {"val/loss", "val/acc", "val/acc_best", "test/acc"} <= scalars
+    curves |= {"val/loss", "val/acc", "val/acc_best", "test/acc", "test/loss"}
+    assert curves <= set(events.Tags()["scalars"])
+    assert [point.step for point in events.Scalars("val/acc")] == [4, 9]  # 5 steps an epoch
     assert events.Scalars("val/acc_best")[-1].value == pytest.approx(metrics["val/acc_best"])
+    # HPARAMS: the run's settings, and its final figures as one point each.
     session = HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     ).session_start_info
     assert session.hparams["model/optimizer/lr"].number_value == pytest.approx(1e-3)
     assert session.hparams["data/batch_size"].number_value == 64
+    [final] = events.Scalars("hp/test_acc")
+    assert final.value == pytest.approx(metrics["test/acc"])
 
 
 def test_best_checkpoint_reproduces_the_reported_test_accuracy(
@@ -72,13 +76,12 @@ def test_best_checkpoint_reproduces_the_reported_test_accuracy(
     )
     [retested] = trainer.test(model, CIFAR10DataModule(data_dir, cache_dir), verbose=False)
     assert retested["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
-    assert torch.load(metrics["best_checkpoint"], weights_only=True)["epoch"] in (0, 1)
 
 
 def test_same_seed_same_metrics(compose_config: Callable[..., DictConfig], data_dir: Path) -> None:
     first = train(compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}"))
     second = train(compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}"))
-    assert {k: first[k] for k in REPORTED_METRICS} == {k: second[k] for k in REPORTED_METRICS}
+    assert {k: first[k] for k in FIGURES} == {k: second[k] for k in FIGURES}
 
 
 def test_train_py_runs_quietly_and_saves_its_config(
@@ -86,15 +89,32 @@ def test_train_py_runs_quietly_and_saves_its_config(
 ) -> None:
     run_dir = tmp_path / "run"
     result = run_train_py(
-        "debug=fast_dev_run", f"data.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+        *FEW_BATCHES, f"data.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
         cache_dir=cache_dir, cwd=tmp_path,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
+    assert "warning" not in output.lower() and "Traceback" not in output
+    # Not a terminal: no progress bars, one line per epoch, in train.log too.
+    assert "it/s" not in output
+    for epoch in ("epoch 000 (1/2)  train/loss_epoch", "epoch 001 (2/2)  train/loss_epoch"):
+        assert output.count(epoch) == 1
+        assert epoch in (run_dir / "train.log").read_text()
     assert "Test accuracy" in output
-    assert "Warning" not in output and "Traceback" not in output
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_fast_dev_run_saves_no_checkpoints_or_logs(
+    data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train_py(
+        "debug=fast_dev_run", f"data.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+        cache_dir=cache_dir, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "tensorboard").exists()
 
 
 def test_train_py_without_data_says_what_to_do(cache_dir: Path, tmp_path: Path) -> None:
