@@ -1,12 +1,13 @@
 """The LightningModule: trains any classifier net with cross-entropy and tracks accuracy."""
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -18,6 +19,8 @@ class ImageClassifier(L.LightningModule):
     Both arguments are plain `_target_` mappings (Hydra's instantiate format), not objects:
     the checkpoint then stores them as plain values, so `ImageClassifier.load_from_checkpoint`
     rebuilds the module from the file alone, and `torch.load(..., weights_only=True)` opens it.
+    Since a checkpoint names the classes that loading it builds, only an `nn.Module` net and a
+    torch `Optimizer` are accepted, and nested `_target_`s are not built.
     """
 
     def __init__(
@@ -25,7 +28,9 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = instantiate(net)
+        _require_subclass(net, nn.Module)
+        _require_subclass(optimizer, Optimizer)
+        self.net = instantiate(net, _recursive_=False, _convert_="all")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -65,3 +70,11 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{split}/loss", loss, on_step=per_step, on_epoch=True, prog_bar=split != "test")
         self.log(f"{split}/acc", accuracy, on_step=per_step, on_epoch=True, prog_bar=split == "val")
         return loss
+
+
+def _require_subclass(config: Mapping[str, Any], base: type) -> None:
+    """Refuses a `_target_` that is not a subclass of `base` (a function, say)."""
+    module_name, _, name = str(config["_target_"]).rpartition(".")
+    target = getattr(importlib.import_module(module_name), name, None)
+    if not (isinstance(target, type) and issubclass(target, base)):
+        raise ValueError(f"_target_ {config['_target_']} is not a {base.__name__} class")

@@ -60,19 +60,27 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(value) if value else tmp_path_factory.mktemp("cache")
 
 
+def compose_in(
+    config_name: str, overrides: list[str], output_dir: Path, cache_dir: Path
+) -> DictConfig:
+    """Composes conf/<config_name>.yaml as its entry point would, writing into output_dir."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} as inside a real run
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir.parent / "outputs")
+        cfg.paths.cache_dir = str(cache_dir)
+        del cfg.hydra
+    return cfg
+
+
 @pytest.fixture
 def compose_config(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
-    """Composes conf/train.yaml with overrides, as train.py would, each run in its own folder."""
+    """Composes conf/train.yaml with overrides, each run in its own folder under tmp_path."""
 
     def compose_with(*overrides: str) -> DictConfig:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} as inside a real run
-        with open_dict(cfg):
-            cfg.paths.output_dir = tempfile.mkdtemp(prefix="run-", dir=tmp_path)
-            cfg.paths.log_dir = str(tmp_path / "outputs")
-            cfg.paths.cache_dir = str(cache_dir)
-            del cfg.hydra
-        return cfg
+        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=tmp_path))
+        return compose_in("train", list(overrides), run_dir, cache_dir)
 
     return compose_with

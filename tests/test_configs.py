@@ -6,13 +6,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.module import ImageClassifier
 from cifar_cnn.training import build
 
-from .conftest import CONFIG_DIR
+from .conftest import CONFIG_DIR, compose_in
 
 GROUPS = ("paths", "data", "model", "trainer", "callbacks", "logger", "experiment", "debug")
 OPTIONS = [
@@ -58,3 +59,9 @@ def test_data_dir_comes_from_the_environment(
     monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "elsewhere"))
     assert compose_config().data.data_dir == str(tmp_path / "elsewhere")
     assert compose_config("data.data_dir=/mnt/cifar").data.data_dir == "/mnt/cifar"
+
+
+def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_in("eval", ["ckpt_path=model.ckpt"], tmp_path / "eval", cache_dir)
+    assert isinstance(instantiate(cfg.data), CIFAR10DataModule)
+    assert (cfg.split, cfg.predict, cfg.device) == ("test", None, "auto")

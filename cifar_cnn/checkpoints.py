@@ -1,0 +1,62 @@
+"""Finding and safely loading checkpoints of `ImageClassifier`.
+
+Checkpoints are read with torch's weights-only unpickler: a file can hold only tensors and
+plain values, so opening one runs no code from it. Ours need nothing more.
+"""
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+
+from cifar_cnn.errors import UserError
+from cifar_cnn.module import ImageClassifier
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the best one of a run folder (else its last.ckpt)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist")
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    metrics = path / "metrics.json"
+    if metrics.is_file():  # a finished run names its best checkpoint
+        best = folder / Path(json.loads(metrics.read_text()).get("best_checkpoint") or "-").name
+        if best.is_file():
+            return best
+    candidates = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+    if len(candidates) == 1:
+        return candidates[0]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise UserError(f"no checkpoint in {folder}: a run folder keeps them in checkpoints/*.ckpt")
+
+
+def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
+    """The classifier saved in `path` (on the CPU, in eval mode) and its data settings."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(f"{path} is not a readable checkpoint ({reason})") from error
+    hyperparameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hyperparameters, dict) or not {"net", "optimizer"} <= hyperparameters.keys():
+        raise UserError(f"{path} is not a checkpoint of cifar_cnn's ImageClassifier")
+    try:
+        model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        ImportError,
+        InstantiationException,
+    ) as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(f"{path} does not load as the model it describes ({reason})") from error
+    return model.eval(), checkpoint.get("datamodule_hyper_parameters", {})

@@ -1,0 +1,153 @@
+"""Evaluating a checkpoint on a CIFAR-10 split: per-class figures, confusion matrix, errors."""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from cifar_cnn.checkpoints import load_checkpoint, resolve_checkpoint
+from cifar_cnn.data import CLASSES
+from cifar_cnn.errors import UserError
+from cifar_cnn.prediction import predict_files, predict_logits
+
+log = logging.getLogger(__name__)
+
+# The data settings that decide which images a split holds: taken from the checkpoint, so
+# that split=val is the validation set the model was selected on.
+SPLIT_SETTINGS = ("val_fraction", "split_seed")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """eval.py: test a checkpoint on a split, or classify image files (`predict=`)."""
+    checkpoint = resolve_checkpoint(cfg.ckpt_path)
+    log.info("Checkpoint %s", checkpoint)
+    model, data_settings = load_checkpoint(checkpoint)
+    device = torch.device(cfg.device if cfg.device != "auto" else _default_device())
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.predict:
+        rows = predict_files(model, Path(cfg.predict), output_dir / "predictions.csv", device)
+        return {"predictions": len(rows)}
+    if cfg.split not in ("test", "val"):
+        raise UserError(f"split={cfg.split} is not a split: use split=test or split=val")
+
+    overrides = {key: data_settings[key] for key in SPLIT_SETTINGS if key in data_settings}
+    datamodule = instantiate(cfg.data, **overrides)
+    datamodule.prepare_data()
+    datamodule.setup()
+    dataset = datamodule.data_test if cfg.split == "test" else datamodule.data_val
+    logits = predict_logits(model, dataset.images, cfg.data.eval_batch_size, device)
+    report = classification_report(logits, dataset.labels)
+    report.update(checkpoint=str(checkpoint), split=cfg.split)
+
+    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("%s accuracy %.4f, loss %.4f\n%s", cfg.split, report["accuracy"], report["loss"],
+             format_table(report))  # fmt: skip
+    figures = {
+        "confusion_matrix": plot_confusion_matrix(torch.tensor(report["confusion_matrix"])),
+        "errors": plot_errors(dataset.images, dataset.labels, logits, cfg.num_errors),
+    }
+    with SummaryWriter(output_dir / "tensorboard") as writer:
+        for name, figure in figures.items():
+            figure.savefig(output_dir / f"{name}.png", dpi=120)
+            writer.add_figure(f"{cfg.split}/{name}", figure, close=False)
+        writer.add_scalar(f"{cfg.split}/acc", report["accuracy"])
+        writer.add_scalar(f"{cfg.split}/loss", report["loss"])
+    return report
+
+
+def classification_report(logits: Tensor, labels: Tensor) -> dict[str, Any]:
+    """Overall, macro and per-class figures (torchmetrics), and the confusion matrix."""
+    num_classes = len(CLASSES)
+    per_class = {
+        "precision": MulticlassPrecision(num_classes, average=None),
+        "recall": MulticlassRecall(num_classes, average=None),
+        "f1": MulticlassF1Score(num_classes, average=None),
+        # torchmetrics' per-class accuracy: the share of the class's images classified right.
+        "accuracy": MulticlassAccuracy(num_classes, average=None),
+    }
+    values = {name: metric(logits, labels).tolist() for name, metric in per_class.items()}
+    matrix = MulticlassConfusionMatrix(num_classes)(logits, labels)
+    return {
+        "accuracy": MulticlassAccuracy(num_classes, average="micro")(logits, labels).item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "macro": {name: sum(v) / num_classes for name, v in values.items()},
+        "per_class": {
+            name: {metric: v[label] for metric, v in values.items()}
+            | {"support": int(matrix[label].sum())}
+            for label, name in enumerate(CLASSES)
+        },
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The per-class figures as a plain-text table."""
+    lines = [f"{'class':<11}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}"]
+    rows = [*report["per_class"].items(), ("macro", report["macro"])]
+    for name, row in rows:
+        support = f"{row['support']:>9}" if "support" in row else ""
+        lines.append(
+            f"{name:<11}{row['precision']:>10.4f}{row['recall']:>8.4f}{row['f1']:>8.4f}{support}"
+        )
+    return "\n".join(lines)
+
+
+def plot_confusion_matrix(matrix: Tensor) -> Figure:
+    """Counts in the cells, colours normalised per true class (each row sums to 1)."""
+    rates = (matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    figure = Figure(figsize=(7.5, 6.5), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for true in range(len(CLASSES)):
+        for predicted in range(len(CLASSES)):
+            dark = rates[true, predicted] > 0.5
+            axes.text(predicted, true, int(matrix[true, predicted]), ha="center", va="center",
+                      fontsize=8, color="white" if dark else "black")  # fmt: skip
+    ticks = range(len(CLASSES))
+    axes.set_xticks(ticks, CLASSES, rotation=45, ha="right")
+    axes.set_yticks(ticks, CLASSES)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    figure.colorbar(image, ax=axes, label="share of the true class")
+    return figure
+
+
+def plot_errors(images: Tensor, labels: Tensor, logits: Tensor, count: int) -> Figure:
+    """The `count` wrong predictions made with the highest confidence."""
+    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    wrong = (predicted != labels).nonzero().flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)[:count]]
+    columns = 8
+    rows = max(1, -(-len(worst) // columns))
+    figure = Figure(figsize=(2 * columns, 2.3 * rows), layout="constrained")
+    grid = figure.subplots(rows, columns, squeeze=False).flat
+    for axes, index in zip(grid, worst.tolist(), strict=False):  # the last row may be short
+        axes.imshow(images[index].permute(1, 2, 0).numpy())
+        axes.set_title(
+            f"{CLASSES[labels[index]]} → {CLASSES[predicted[index]]}\n{confidence[index]:.0%}",
+            fontsize=9,
+        )
+    for axes in figure.axes:
+        axes.set_axis_off()
+    figure.suptitle("Most confident mistakes (true → predicted, confidence)")
+    return figure
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

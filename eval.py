@@ -1,0 +1,22 @@
+"""Evaluate a checkpoint, or classify image files with it; settings in conf/eval.yaml.
+
+python eval.py ckpt_path=outputs/runs/<run>                   # its best checkpoint, test set
+python eval.py ckpt_path=path/to/model.ckpt split=val         # any checkpoint, validation set
+python eval.py ckpt_path=outputs/runs/<run> predict=photos/   # classify image files
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from cifar_cnn.errors import exit_on_user_error
+from cifar_cnn.evaluation import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from cifar_cnn.checkpoints import load_checkpoint, resolve_checkpoint
+from cifar_cnn.errors import UserError
+from cifar_cnn.module import ImageClassifier
+
+NET = {"_target_": "cifar_cnn.nets.SeedCNN", "hidden_units": 16}
+ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A checkpoint as a Trainer writes it, of an untrained classifier."""
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(ImageClassifier(NET, ADAM))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path, weights_only=False)
+    return path
+
+
+def test_load_checkpoint_gives_the_saved_model(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert not model.training
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in saved.items())
+
+
+def test_run_folder_resolves_to_its_best_checkpoint(tmp_path: Path, checkpoint: Path) -> None:
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("epoch_001.ckpt", "epoch_004.ckpt", "last.ckpt"):
+        (folder / name).write_bytes(checkpoint.read_bytes())
+    assert resolve_checkpoint(tmp_path / "run") == folder / "last.ckpt"  # two candidates
+    (tmp_path / "run" / "metrics.json").write_text(
+        json.dumps({"best_checkpoint": "/elsewhere/checkpoints/epoch_004.ckpt"})
+    )
+    assert resolve_checkpoint(tmp_path / "run") == folder / "epoch_004.ckpt"
+    assert resolve_checkpoint(folder / "epoch_001.ckpt") == folder / "epoch_001.ckpt"
+
+
+def test_missing_and_empty_paths_are_named(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=f"checkpoint {tmp_path / 'gone.ckpt'} does not exist"):
+        resolve_checkpoint(tmp_path / "gone.ckpt")
+    with pytest.raises(UserError, match=f"no checkpoint in {tmp_path}"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_files_that_are_not_our_checkpoints_are_named(tmp_path: Path, checkpoint: Path) -> None:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "hyper_parameters": {}}, other)
+    for path in (text, truncated):
+        with pytest.raises(UserError, match=f"{path} is not a readable checkpoint"):
+            load_checkpoint(path)
+    with pytest.raises(UserError, match=f"{other} is not a checkpoint of cifar_cnn's"):
+        load_checkpoint(other)
+
+
+def test_weights_that_do_not_fit_their_net_are_named(tmp_path: Path, checkpoint: Path) -> None:
+    content = torch.load(checkpoint, weights_only=True)
+    content["hyper_parameters"]["net"]["hidden_units"] = 32
+    mismatched = tmp_path / "mismatched.ckpt"
+    torch.save(content, mismatched)
+    with pytest.raises(UserError, match=f"{mismatched} does not load as the model it describes"):
+        load_checkpoint(mismatched)
+
+
+def test_checkpoints_that_would_run_code_are_refused(tmp_path: Path) -> None:
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"hyper_parameters": {"net": NET, "optimizer": ADAM}, "hook": print}, unsafe)
+    with pytest.raises(UserError, match="is not a readable checkpoint"):
+        load_checkpoint(unsafe)
+
+
+def test_checkpoints_naming_functions_to_build_are_refused(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    content = torch.load(checkpoint, weights_only=True)
+    content["hyper_parameters"]["net"] = {"_target_": "os.system", "command": "touch pwned"}
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(content, hostile)
+    with pytest.raises(UserError, match="_target_ os.system is not a Module class"):
+        load_checkpoint(hostile)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()

@@ -1,0 +1,116 @@
+"""eval.py's code path on a really trained (briefly) run, with the real test set."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifar_cnn.data import CLASSES, CIFAR10DataModule
+from cifar_cnn.evaluation import evaluate
+from cifar_cnn.training import train
+
+from .conftest import compose_in
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT_RUN = [
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=30",
+    "+trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=10",
+    "data.split_seed=3",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(
+    data_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
+    """A run folder whose checkpoint was tested on the full test set during training."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_in("train", [*SHORT_RUN, f"data.data_dir={data_dir}"], run_dir, cache_dir)
+    return run_dir, train(cfg)
+
+
+def run_eval(run_dir: Path, data_dir: Path, cache_dir: Path, out: Path, *overrides: str) -> dict:
+    cfg = compose_in(
+        "eval", [f"ckpt_path={run_dir}", f"data.data_dir={data_dir}", *overrides], out, cache_dir
+    )
+    return evaluate(cfg)
+
+
+def test_eval_reproduces_the_training_run_and_writes_its_report(
+    trained_run: tuple[Path, dict], data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir, trained = trained_run
+    report = run_eval(run_dir, data_dir, cache_dir, tmp_path)
+
+    assert report["checkpoint"] == trained["best_checkpoint"]
+    assert report["accuracy"] == pytest.approx(trained["test/acc"], abs=1e-4)
+    assert report["loss"] == pytest.approx(trained["test/loss"], abs=1e-4)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == report
+
+    matrix = torch.tensor(report["confusion_matrix"])
+    assert matrix.sum(dim=1).tolist() == [1000] * 10  # rows: the true classes of the test set
+    assert report["accuracy"] == pytest.approx(matrix.trace().item() / 10_000)
+    for label, name in enumerate(CLASSES):
+        row = report["per_class"][name]
+        hits = matrix[label, label].item()
+        assert row["support"] == 1000
+        assert row["recall"] == pytest.approx(hits / 1000)
+        assert row["accuracy"] == pytest.approx(hits / 1000)
+        assert row["precision"] == pytest.approx(hits / max(1, matrix[:, label].sum().item()))
+    for metric in ("precision", "recall", "f1", "accuracy"):
+        mean = sum(row[metric] for row in report["per_class"].values()) / 10
+        assert report["macro"][metric] == pytest.approx(mean)
+
+    for name in ("confusion_matrix", "errors"):
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.format == "PNG" and min(image.size) > 300
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"test/confusion_matrix", "test/errors"} <= set(events.Tags()["images"])
+
+
+def test_eval_on_val_uses_the_split_the_checkpoint_was_trained_with(
+    trained_run: tuple[Path, dict], data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir, _ = trained_run
+    report = run_eval(run_dir, data_dir, cache_dir, tmp_path, "split=val")
+    support = [row["support"] for row in report["per_class"].values()]
+
+    def val_counts(split_seed: int) -> list[int]:
+        datamodule = CIFAR10DataModule(data_dir, cache_dir, split_seed=split_seed)
+        datamodule.prepare_data()
+        datamodule.setup()
+        return torch.bincount(datamodule.data_val.labels).tolist()
+
+    assert support == val_counts(3) != val_counts(0)
+
+
+def test_eval_py_predicts_image_files_and_explains_bad_checkpoints(
+    trained_run: tuple[Path, dict], data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir, _ = trained_run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 48), "red").save(photos / "red.png")
+
+    def eval_py(*overrides: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(ROOT / "eval.py"), f"data.data_dir={data_dir}", *overrides]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    result = eval_py(f"ckpt_path={run_dir}", f"predict={photos}", f"hydra.run.dir={tmp_path}/p")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "p" / "predictions.csv").read_text().count("\n") == 2
+
+    missing = tmp_path / "nowhere.ckpt"
+    result = eval_py(f"ckpt_path={missing}", f"hydra.run.dir={tmp_path}/m")
+    assert result.returncode == 1
+    assert f"checkpoint {missing} does not exist" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
