@@ -1,10 +1,16 @@
 """Lightning callbacks of this project."""
 
 import logging
+import signal
 import time
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+
+from cifar_cnn.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,3 +37,75 @@ class EpochSummary(Callback):
         log.info(
             f"epoch {epoch:03d} ({epoch + 1}/{trainer.max_epochs})  {figures}  ({seconds:.1f} s)"
         )
+
+
+class TrainingStopped(UserError):
+    """Training stopped early on purpose; the message says why and what was kept."""
+
+
+class FiniteLoss(Callback):
+    """Stops the run, naming the step and learning rate, once the training loss is NaN or inf."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        loss = outputs["loss"]
+        if not torch.isfinite(loss):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            raise TrainingStopped(
+                f"the training loss became {loss.item()} at step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}) with learning rate {lr:g}: training cannot "
+                "recover from that; try a smaller model.optimizer.lr"
+            )
+
+
+class GracefulStop(Callback):
+    """On SIGINT (Ctrl-C) or SIGTERM: finish the batch, save last.ckpt, stop with status 1.
+
+    A second Ctrl-C stops at once, without saving.
+    """
+
+    def __init__(self) -> None:
+        self._received: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in on_fit_start: Lightning installs its own SIGTERM handler in between.
+        self._received = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._note)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if self._received is None:
+            return
+        checkpoint = trainer.checkpoint_callback
+        folder = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
+        path = folder / "last.ckpt"
+        trainer.save_checkpoint(path)
+        raise TrainingStopped(
+            f"stopped by {self._received} at step {trainer.global_step} (epoch "
+            f"{trainer.current_epoch}); saved {path}. Continue with: "
+            f"python train.py ckpt_path={path}"
+        )
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self._received == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self._received = signal.Signals(signum).name
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}

@@ -5,15 +5,30 @@ plain values, so opening one runs no code from it. Ours need nothing more.
 """
 
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file, then renames it into place: a run killed
+    while saving leaves the previous checkpoint intact, never a half-written one."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

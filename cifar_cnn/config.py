@@ -1,8 +1,42 @@
-"""OmegaConf resolvers used by the configs in conf/."""
+"""OmegaConf resolvers used by the configs in conf/, and the checks of a composed config."""
 
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_cnn.errors import UserError
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+# key: (test of the value, what is allowed). Keys a config lacks are not checked.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.optimizer.lr": (lambda v: v > 0, "a number > 0"),
+    "model.optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "model.net.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "model.net.hidden_units": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+    "data.batch_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+    "data.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+    "data.val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+    "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Stops on the first value outside what is allowed, naming the key and the value."""
+    for key, (allowed, description) in RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        try:
+            ok = bool(allowed(value)) and not isinstance(value, bool)
+        except TypeError:  # a string where a number belongs, say
+            ok = False
+        if not ok:
+            raise UserError(f"{key}={value!r} is not allowed: it must be {description}")
 
 
 def stdout_isatty() -> bool:
@@ -11,3 +45,5 @@ def stdout_isatty() -> bool:
 
 
 OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty, replace=True)
+# Run folder names end in the process id: two runs started in the same second differ.
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True)

@@ -7,7 +7,9 @@ Either is decoded once into `cache_dir` (never into `data_dir`, which may be rea
 """
 
 import hashlib
+import logging
 import os
+import pickle
 from functools import cached_property
 from pathlib import Path
 
@@ -26,6 +28,11 @@ DATA_DIR_ENV = "CIFAR10_DIR"
 IMAGE_SHAPE = (3, 32, 32)
 TORCHVISION_FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
 CACHE_FORMAT = 1  # bump when the cache's content or layout changes
+# Files with these suffixes must decode (else the run stops, naming the file); other files in
+# a class folder (.DS_Store, notes) are skipped with a warning.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+log = logging.getLogger(__name__)
 
 
 class InMemoryDataset(Dataset):
@@ -94,7 +101,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
             return
-        cache = torch.load(self.cache_path, weights_only=True)
+        cache = self._load_cache()
         images, labels = cache["train_images"], cache["train_labels"]
         num_val = round(len(labels) * self.hparams.val_fraction)
         # Seeded apart from the run's seed: every run of a sweep validates on the same images.
@@ -105,6 +112,19 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_train = InMemoryDataset(images[train_index], labels[train_index])
         self.data_val = InMemoryDataset(images[val_index], labels[val_index])
         self.data_test = InMemoryDataset(cache["test_images"], cache["test_labels"])
+
+    def _load_cache(self) -> dict[str, Tensor]:
+        """The cache's tensors; an unreadable cache (a truncated file, say) is rebuilt."""
+        try:
+            cache = torch.load(self.cache_path, weights_only=True)
+            if set(cache) != {"train_images", "train_labels", "test_images", "test_labels"}:
+                raise ValueError(f"unexpected content {sorted(cache)}")
+            return cache
+        except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
+            log.warning("rebuilding the unreadable data cache %s (%s)", self.cache_path, error)
+        self.cache_path.unlink(missing_ok=True)
+        self.prepare_data()
+        return torch.load(self.cache_path, weights_only=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, self.hparams.batch_size, shuffle=True)
@@ -160,13 +180,30 @@ class CIFAR10DataModule(L.LightningDataModule):
     def _source_files(self) -> list[Path]:
         if self._layout() == "torchvision":
             folder = self.data_dir / TORCHVISION_FOLDER
-            return [folder / name for name, _ in CIFAR10.train_list + CIFAR10.test_list]
-        return [path for split in ("train", "test") for path, _ in self._folder_files(split)]
+            files = [folder / name for name, _ in CIFAR10.train_list + CIFAR10.test_list]
+            missing = [path.name for path in files if not path.is_file()]
+            if missing:
+                raise UserError(
+                    f"{folder} lacks {', '.join(missing)}: delete the folder to download the "
+                    "batches again, or point data.data_dir at a complete copy"
+                )
+            return files
+        return [path for files in self._folder_listing.values() for path, _ in files]
+
+    @cached_property
+    def _folder_listing(self) -> dict[str, list[tuple[Path, int]]]:
+        """(image path, label) of each split's images, class by class, sorted by name."""
+        return {split: self._folder_files(split) for split in ("train", "test")}
 
     def _folder_files(self, split: str) -> list[tuple[Path, int]]:
-        """(image path, label) for every file under `<data_dir>/<split>/<class>/`, sorted."""
         split_dir = self.data_dir / split
-        files = []
+        unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(CLASSES))
+        if unknown:
+            raise UserError(
+                f"{split_dir} holds folders that are not CIFAR-10 classes: {', '.join(unknown)} "
+                f"(the classes are {', '.join(CLASSES)})"
+            )
+        files, skipped = [], []
         for label, name in enumerate(CLASSES):
             class_dir = split_dir / name
             if not class_dir.is_dir():
@@ -175,7 +212,14 @@ class CIFAR10DataModule(L.LightningDataModule):
                     f"one folder per CIFAR-10 class under {split_dir} ({', '.join(CLASSES)})"
                 )
             names = sorted(entry.name for entry in os.scandir(class_dir) if entry.is_file())
-            files += [(class_dir / name, label) for name in names]
+            for file_name in names:
+                is_image = Path(file_name).suffix.lower() in IMAGE_SUFFIXES
+                (files if is_image else skipped).append((class_dir / file_name, label))
+        if skipped:
+            log.warning(
+                "skipped %d files under %s that are not images by their suffix, e.g. %s",
+                len(skipped), split_dir, skipped[0][0],
+            )  # fmt: skip
         if not files:
             raise DataNotFoundError(f"no image files under {split_dir}")
         return files
@@ -188,7 +232,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         return self._read_folder("train"), self._read_folder("test")
 
     def _read_folder(self, split: str) -> tuple[Tensor, Tensor]:
-        files = self._folder_files(split)
+        files = self._folder_listing[split]
         images = torch.empty((len(files), *IMAGE_SHAPE), dtype=torch.uint8)
         for i, (path, _) in enumerate(files):
             images[i] = _decode(path)

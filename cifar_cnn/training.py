@@ -11,6 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cifar_cnn.config import validate
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +33,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains, tests the best checkpoint, writes `metrics.json` in the run folder, returns it."""
     started = time.perf_counter()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
 

@@ -5,7 +5,7 @@ import lightning as L
 import pytest
 import torch
 
-from cifar_cnn.checkpoints import load_checkpoint, resolve_checkpoint
+from cifar_cnn.checkpoints import AtomicCheckpointIO, load_checkpoint, resolve_checkpoint
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
 
@@ -90,3 +90,22 @@ def test_checkpoints_naming_functions_to_build_are_refused(
     with pytest.raises(UserError, match="_target_ os.system is not a Module class"):
         load_checkpoint(hostile)
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    content = torch.load(checkpoint, weights_only=True)
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(content, path)
+    before = path.read_bytes()
+
+    def killed_while_writing(checkpoint: dict, filepath: str) -> None:
+        Path(filepath).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint(content, path)
+    assert path.read_bytes() == before
+    load_checkpoint(path)

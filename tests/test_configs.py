@@ -9,9 +9,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from cifar_cnn.config import validate
 from cifar_cnn.data import CIFAR10DataModule
+from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
-from cifar_cnn.training import build
+from cifar_cnn.training import build, train
 
 from .conftest import CONFIG_DIR, compose_in
 
@@ -65,3 +67,42 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
     cfg = compose_in("eval", ["ckpt_path=model.ckpt"], tmp_path / "eval", cache_dir)
     assert isinstance(instantiate(cfg.data), CIFAR10DataModule)
     assert (cfg.split, cfg.predict, cfg.device) == ("test", None, "auto")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.optimizer.lr=0", "model.optimizer.lr=0 is not allowed: it must be a number > 0"),
+        ("model.optimizer.lr=-1e-3", "model.optimizer.lr=-0.001 is not allowed"),
+        ("model.optimizer.lr=fast", "model.optimizer.lr='fast' is not allowed"),
+        ("data.batch_size=0", "data.batch_size=0 is not allowed: it must be a whole number >= 1"),
+        ("data.batch_size=6.5", "data.batch_size=6.5 is not allowed"),
+        (
+            "data.val_fraction=1.0",
+            "data.val_fraction=1.0 is not allowed: it must be a number in (0, 1)",
+        ),
+        ("data.val_fraction=0", "data.val_fraction=0 is not allowed"),
+        (
+            "model.net.dropout=1",
+            "model.net.dropout=1 is not allowed: it must be a number in [0, 1)",
+        ),
+        ("model.net.dropout=-0.1", "model.net.dropout=-0.1 is not allowed"),
+        (
+            "trainer.accelerator=tpuu",
+            "trainer.accelerator='tpuu' is not allowed: it must be one of",
+        ),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed: it must be a whole number"),
+    ],
+)
+def test_bad_values_stop_before_any_data_is_loaded(
+    override: str, message: str, compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose_config(override, f"data.data_dir={tmp_path / 'never-read'}")
+    with pytest.raises(UserError) as error:
+        train(cfg)
+    assert message in str(error.value)
+
+
+def test_the_shipped_configs_pass_validation(compose_config: Callable[..., DictConfig]) -> None:
+    for option in OPTIONS:
+        validate(compose_config(option))

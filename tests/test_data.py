@@ -1,4 +1,6 @@
+import multiprocessing
 import pickle
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from urllib.error import URLError
 
@@ -9,7 +11,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 
 from cifar_cnn.data import CLASSES, CIFAR10DataModule
-from cifar_cnn.errors import DataNotFoundError
+from cifar_cnn.errors import DataNotFoundError, UserError
 
 from .conftest import make_image_folder
 
@@ -148,3 +150,87 @@ def test_missing_class_folder_is_named(tiny_data_dir: Path, tmp_path: Path) -> N
     (tiny_data_dir / "train" / "frog").rmdir()
     with pytest.raises(DataNotFoundError, match=r"train/frog is missing"):
         ready(tiny_data_dir, tmp_path / "cache")
+
+
+def test_files_that_are_not_images_are_skipped_with_a_count(
+    tiny_data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tiny_data_dir / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    (tiny_data_dir / "train" / "dog" / "notes.txt").write_text("labelled by hand")
+    datamodule = ready(tiny_data_dir, tmp_path / "cache")
+    assert len(datamodule.data_train) + len(datamodule.data_val) == 100
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "skipped 2 files" in warnings[0]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_broken_image_stops_the_run_naming_the_file(
+    damage: str, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    broken = tiny_data_dir / "test" / "ship" / "0002.jpg"
+    content = broken.read_bytes()
+    broken.write_bytes(b"not a jpeg" if damage == "garbage" else content[: len(content) // 2])
+    with pytest.raises(UserError, match=f"cannot decode image {broken}"):
+        ready(tiny_data_dir, tmp_path / "cache")
+
+
+def test_images_of_another_size_stop_the_run_and_grayscale_ones_are_converted(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    Image.new("L", (32, 32), 77).save(tiny_data_dir / "test" / "frog" / "0000.jpg")
+    datamodule = ready(tiny_data_dir, tmp_path / "cache")
+    frog = datamodule.data_test.images[6 * 4]  # the first frog: four test images per class
+    assert frog.shape == (3, 32, 32) and (frog == 77).all()
+
+    wrong = tiny_data_dir / "train" / "deer" / "0003.jpg"
+    Image.new("RGB", (40, 30)).save(wrong)
+    with pytest.raises(UserError, match=f"image {wrong} is 40x30, CIFAR-10's are 32x32"):
+        ready(tiny_data_dir, tmp_path / "cache")
+
+
+def test_unknown_class_folders_and_empty_splits_are_named(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    (tiny_data_dir / "train" / "airplanes").mkdir()
+    with pytest.raises(UserError, match="folders that are not CIFAR-10 classes: airplanes"):
+        ready(tiny_data_dir, tmp_path / "cache")
+    (tiny_data_dir / "train" / "airplanes").rmdir()
+    for image in (tiny_data_dir / "test").rglob("*.jpg"):
+        image.unlink()
+    with pytest.raises(DataNotFoundError, match=f"no image files under {tiny_data_dir / 'test'}"):
+        ready(tiny_data_dir, tmp_path / "cache")
+
+
+def test_incomplete_torchvision_batches_are_named(tmp_path: Path) -> None:
+    folder = tmp_path / "data" / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    for name, _ in CIFAR10.train_list[:-1] + CIFAR10.test_list:
+        (folder / name).write_bytes(b"a batch cut short")
+    with pytest.raises(UserError, match=f"{folder} lacks data_batch_5"):
+        ready(tmp_path / "data", tmp_path / "cache", download=False)
+    (folder / "data_batch_5").write_bytes(b"a batch cut short")
+    with pytest.raises(UserError, match="are incomplete or corrupt"):
+        ready(tmp_path / "data", tmp_path / "cache", download=False)
+
+
+def test_a_truncated_cache_is_rebuilt(
+    tiny_data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = ready(tiny_data_dir, tmp_path / "cache")
+    content = first.cache_path.read_bytes()
+    first.cache_path.write_bytes(content[: len(content) // 3])
+    second = ready(tiny_data_dir, tmp_path / "cache")
+    assert "rebuilding the unreadable data cache" in caplog.text
+    assert torch.equal(second.data_test.images, first.data_test.images)
+    assert first.cache_path.read_bytes() == content
+
+
+def _build_and_sum(data_dir: Path, cache_dir: Path) -> int:
+    return int(ready(data_dir, cache_dir).data_test.images.sum())
+
+
+def test_two_processes_building_one_cache_at_once(tiny_data_dir: Path, tmp_path: Path) -> None:
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        sums = list(pool.map(_build_and_sum, [tiny_data_dir] * 2, [tmp_path / "cache"] * 2))
+    assert sums[0] == sums[1] == _build_and_sum(tiny_data_dir, tmp_path / "cache")
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]

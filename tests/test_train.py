@@ -151,3 +151,18 @@ def test_one_epoch_on_the_full_data_learns(
 ) -> None:
     metrics = train(compose_config("trainer.max_epochs=1", f"data.data_dir={data_dir}"))
     assert metrics["test/acc"] >= 0.45
+
+
+def test_runs_started_together_get_their_own_folders(
+    data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    command = [
+        sys.executable, str(ROOT / "train.py"), *FEW_BATCHES, "trainer.max_epochs=1",
+        f"data.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'outputs'}",
+    ]  # fmt: skip
+    runs = [subprocess.Popen(command, cwd=tmp_path, env=env) for _ in range(2)]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0]
+    folders = sorted((tmp_path / "outputs" / "runs").iterdir())
+    assert len(folders) == 2
+    assert all(len(list(folder.glob("checkpoints/*.ckpt"))) == 2 for folder in folders)

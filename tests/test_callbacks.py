@@ -1,0 +1,56 @@
+"""FiniteLoss and GracefulStop in real training runs (EpochSummary: see test_train.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from cifar_cnn.callbacks import TrainingStopped
+from cifar_cnn.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_diverging_loss_stops_the_run_naming_step_and_learning_rate(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    cfg = compose_config(
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "model.optimizer.lr=1e12",
+        "trainer.accelerator=cpu", "trainer.max_epochs=50", "trainer.log_every_n_steps=1",
+    )  # fmt: skip
+    with pytest.raises(TrainingStopped, match=r"loss became (nan|inf) at step \d+ .*rate 1e\+12"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_last_ckpt_and_exits_non_zero(
+    signum: signal.Signals, data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "train.py"), f"data.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}", "trainer.accelerator=cpu", "trainer.max_epochs=50",
+        "+trainer.limit_train_batches=100", "+trainer.limit_val_batches=1",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:  # wait until training runs
+            if "epoch 000 (1/50)" in line:
+                break
+        process.send_signal(signum)
+        output = process.stdout.read()
+        assert process.wait(timeout=120) == 1, output
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert f"stopped by {signum.name} at step" in output and f"saved {last}" in output
+    assert "Traceback" not in output
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] > 100  # mid-epoch, after the first epoch's end
+    assert not list(run_dir.glob("checkpoints/*.tmp"))
