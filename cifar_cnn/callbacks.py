@@ -1,6 +1,7 @@
 """Lightning callbacks of this project."""
 
 import logging
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 
 from cifar_cnn.errors import UserError
@@ -25,6 +27,9 @@ class EpochSummary(Callback):
     def __init__(self, keys: tuple[str, ...] = ("train/loss_epoch", "val/loss", "val/acc")) -> None:
         self.keys = keys
         self._epoch_start = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()  # a run resumed mid-epoch starts no epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -93,11 +98,10 @@ class GracefulStop(Callback):
         checkpoint = trainer.checkpoint_callback
         folder = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
         path = folder / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # all of it: weights, optimizer, loops
         raise TrainingStopped(
             f"stopped by {self._received} at step {trainer.global_step} (epoch "
-            f"{trainer.current_epoch}); saved {path}. Continue with: "
-            f"python train.py ckpt_path={path}"
+            f"{trainer.current_epoch}); saved {path}. Continue with: {_continue_command(path)}"
         )
 
     def _note(self, signum: int, frame: Any) -> None:
@@ -109,3 +113,36 @@ class GracefulStop(Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class RandomState(Callback):
+    """Saves torch's global random state in checkpoints and restores it on resume.
+
+    Shuffling and dropout draw from it: with it restored, a run resumed from an end-of-epoch
+    checkpoint continues exactly as if it had never stopped.
+    """
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["random_state"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("random_state")
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _continue_command(checkpoint: Path) -> str:
+    """The train.py command that resumes this run: its own overrides, and the checkpoint."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.startswith("ckpt_path=")]
+    return shlex.join(["python", "train.py", *kept, f"ckpt_path={checkpoint}"])

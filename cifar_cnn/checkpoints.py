@@ -52,8 +52,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"no checkpoint in {folder}: a run folder keeps them in checkpoints/*.ckpt")
 
 
-def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
-    """The classifier saved in `path` (on the CPU, in eval mode) and its data settings."""
+def resume_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a run continues from: a file, or a run folder's checkpoints/last.ckpt."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise UserError(f"cannot resume: checkpoint {path} does not exist")
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The content of an ImageClassifier checkpoint, read weights-only."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
@@ -62,6 +72,12 @@ def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
     hyperparameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hyperparameters, dict) or not {"net", "optimizer"} <= hyperparameters.keys():
         raise UserError(f"{path} is not a checkpoint of cifar_cnn's ImageClassifier")
+    return checkpoint
+
+
+def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
+    """The classifier saved in `path` (on the CPU, in eval mode) and its data settings."""
+    checkpoint = read_checkpoint(path)
     try:
         model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except (

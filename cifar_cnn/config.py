@@ -3,6 +3,8 @@
 import os
 import sys
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -44,6 +46,27 @@ def stdout_isatty() -> bool:
     return sys.stdout.isatty()
 
 
+def run_folder(checkpoint: str | None, new_folder: str) -> str:
+    """Where a run writes: a resumed run's own folder (`ckpt_path` is a run folder, or a file
+    in its checkpoints/), else `new_folder`."""
+    if checkpoint:
+        path = Path(checkpoint)
+        if path.is_dir():
+            return str(path)
+        if path.parent.name == "checkpoints":
+            return str(path.parent.parent)
+    return new_folder
+
+
+def config_subfolder(checkpoint: str | None) -> str:
+    """Hydra's record of a run: a resumed run keeps the first record and adds its own."""
+    if checkpoint and run_folder(checkpoint, "") != "":
+        return f".hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
+    return ".hydra"
+
+
 OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty, replace=True)
+OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
+OmegaConf.register_new_resolver("config_subfolder", config_subfolder, replace=True)
 # Run folder names end in the process id: two runs started in the same second differ.
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True)

@@ -11,7 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
 from cifar_cnn.config import validate
+from cifar_cnn.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
+    resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if resume_from:
+        _check_same_settings(resume_from, datamodule, model)
 
     # Log lines print above progress bars instead of through them. Checkpoints are loaded
     # weights-only: no code in them runs (ours hold plain values only).
     with logging_redirect_tqdm():
-        trainer.fit(model, datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        trainer.fit(model, datamodule, ckpt_path=resume_from, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         val_acc_best = float(trainer.callback_metrics["val/acc_best"])
         # The best checkpoint when there is one; fast_dev_run saves none: test the last weights.
@@ -76,3 +81,42 @@ def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Final figures under `hp/` names: one point each, apart from the training curves."""
     names = ("val/acc_best", "test/acc", "test/loss")
     return {"hp/" + name.replace("/", "_"): metrics[name] for name in names}
+
+
+# Data settings that change where data lives or how fast it is read, not what a run learns.
+DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size")
+
+
+def _check_same_settings(
+    checkpoint: Path, datamodule: L.LightningDataModule, model: L.LightningModule
+) -> None:
+    """A run resumes with the settings it was trained with, or not at all."""
+    saved = read_checkpoint(checkpoint)
+    now = {"model": dict(model.hparams), "data": dict(datamodule.hparams)}
+    then = {"model": saved["hyper_parameters"], "data": saved["datamodule_hyper_parameters"]}
+    for settings in (now, then):
+        settings["data"] = {k: v for k, v in settings["data"].items() if k not in DATA_PLACES}
+    differences = [
+        f"{key} is {then_value!r} there, {now_value!r} now"
+        for key, (then_value, now_value) in _paired(then, now).items()
+        if then_value != now_value
+    ]
+    if differences:
+        run_folder = checkpoint.parent.parent
+        raise UserError(
+            f"cannot resume from {checkpoint}: it was trained with other settings ("
+            + "; ".join(differences)
+            + f"). Give the run's own overrides again (see {run_folder}/.hydra/overrides.yaml)"
+        )
+
+
+def _paired(then: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (then, now)} over both nested dicts."""
+    pairs = {}
+    for key in then.keys() | now.keys():
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            pairs |= _paired(a, b, f"{prefix}{key}.")
+        else:
+            pairs[f"{prefix}{key}"] = (a, b)
+    return pairs

@@ -1,0 +1,102 @@
+"""Resuming killed runs: same folder, same settings, and exactly the same result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = [
+    "trainer.accelerator=cpu", "trainer.max_epochs=3", "+trainer.limit_train_batches=30",
+    "+trainer.limit_val_batches=2", "trainer.log_every_n_steps=5", "model.optimizer.lr=3e-4",
+]  # fmt: skip
+
+
+def train_py(*args: str, cache_dir: Path, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    command = [sys.executable, str(ROOT / "train.py"), *args]
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=300)
+    return process.returncode, output
+
+
+def figures_of(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_a_killed_run_resumes_in_its_folder_to_exactly_the_same_result(
+    data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    data = f"data.data_dir={data_dir}"
+    full = train_py(
+        *SHORT, data, f"paths.log_dir={tmp_path / 'full'}", cache_dir=cache_dir, cwd=tmp_path
+    )
+    assert finish(full)[0] == 0
+    [full_run] = (tmp_path / "full" / "runs").iterdir()
+
+    cut = train_py(
+        *SHORT, data, f"paths.log_dir={tmp_path / 'cut'}", cache_dir=cache_dir, cwd=tmp_path
+    )
+    for line in cut.stdout:
+        if "epoch 001 (2/3)" in line:
+            break
+    [run] = (tmp_path / "cut" / "runs").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 60
+    while torch.load(last, weights_only=True)["epoch"] != 1:  # saved just after that line
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGKILL)  # during the third epoch
+    assert finish(cut)[0] == -signal.SIGKILL
+
+    code, output = finish(
+        train_py(*SHORT, data, f"ckpt_path={run}", cache_dir=cache_dir, cwd=tmp_path)
+    )
+    assert code == 0, output
+    assert "epoch 002 (3/3)" in output and "epoch 000" not in output
+    assert [p.name for p in (tmp_path / "cut" / "runs").iterdir()] == [run.name]  # no new folder
+
+    expected, resumed = weights(full_run), weights(run)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    figures = ("val/acc_best", "test/acc", "test/loss", "epochs")
+    assert [figures_of(run)[k] for k in figures] == [figures_of(full_run)[k] for k in figures]
+    assert (run / ".hydra" / "overrides.yaml").read_text().count("ckpt_path") == 0
+    assert len(list((run / ".hydra").glob("resumed_*/overrides.yaml"))) == 1
+
+
+def test_resuming_with_other_settings_is_refused(
+    data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    data = f"data.data_dir={data_dir}"
+    first = train_py(
+        *SHORT,
+        "trainer.max_epochs=1",
+        data,
+        f"paths.log_dir={tmp_path}",
+        cache_dir=cache_dir,
+        cwd=tmp_path,
+    )
+    assert finish(first)[0] == 0
+    [run] = (tmp_path / "runs").iterdir()
+    code, output = finish(train_py(data, f"ckpt_path={run}", cache_dir=cache_dir, cwd=tmp_path))
+    assert code == 1
+    assert (
+        "it was trained with other settings (model.optimizer.lr is 0.0003 there, 0.001 now)"
+        in output
+    )
+    assert "Traceback" not in output
