@@ -1,5 +1,9 @@
 import multiprocessing
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from urllib.error import URLError
@@ -234,3 +238,30 @@ def test_two_processes_building_one_cache_at_once(tiny_data_dir: Path, tmp_path:
         sums = list(pool.map(_build_and_sum, [tiny_data_dir] * 2, [tmp_path / "cache"] * 2))
     assert sums[0] == sums[1] == _build_and_sum(tiny_data_dir, tmp_path / "cache")
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]
+
+
+def test_a_read_only_data_folder_works(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The data folder loses its write bits. Root ignores them, so as root the loading runs
+    without the capability to override file permissions (setpriv)."""
+    for path in [tiny_data_dir, *tiny_data_dir.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root, and setpriv (util-linux) is not installed")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        command = [*prefix, sys.executable, "-c", code]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    probe = run(f"open({str(tiny_data_dir / 'probe')!r}, 'w')")
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr  # really read-only
+    result = run(
+        "from cifar_cnn.data import CIFAR10DataModule as D\n"
+        f"d = D({str(tiny_data_dir)!r}, {str(tmp_path / 'cache')!r})\n"
+        "d.prepare_data(); d.setup()\n"
+        "print(len(d.data_train), len(d.data_val), len(d.data_test))"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["80", "20", "40"]

@@ -166,3 +166,22 @@ def test_runs_started_together_get_their_own_folders(
     folders = sorted((tmp_path / "outputs" / "runs").iterdir())
     assert len(folders) == 2
     assert all(len(list(folder.glob("checkpoints/*.ckpt"))) == 2 for folder in folders)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model=resnet9000", "Could not find 'model/resnet9000'"),
+        ("data.batch_sise=32", "Key 'batch_sise' is not in struct"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed"),
+    ],
+)
+def test_bad_settings_on_the_command_line_are_named(
+    override: str, expected: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    result = run_train_py(
+        override, f"hydra.run.dir={tmp_path / 'run'}", cache_dir=cache_dir, cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert expected in output and "Traceback" not in output
