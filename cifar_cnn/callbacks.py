@@ -83,6 +83,11 @@ class GracefulStop(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
+        if self._received is not None:  # came during the last validation: training is done
+            raise TrainingStopped(
+                f"stopped by {self._received} at the end of training; its checkpoints are "
+                "complete, the test was not run"
+            )
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

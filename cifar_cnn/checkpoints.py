@@ -14,6 +14,7 @@ import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cifar_cnn.config import resumed_run
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
 
@@ -27,8 +28,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, path)
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -53,13 +57,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def resume_checkpoint(path: str | Path) -> Path:
-    """The checkpoint a run continues from: a file, or a run folder's checkpoints/last.ckpt."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise UserError(f"cannot resume: checkpoint {path} does not exist")
-    return path
+    """The last.ckpt of the run that `path` (the run folder, or that file) names."""
+    run = resumed_run(path)
+    if run is None:
+        raise UserError(
+            f"cannot resume from {path}: ckpt_path takes a run folder (outputs/runs/<run>) or "
+            "its checkpoints/last.ckpt; to start a new run from other weights, load them in code"
+        )
+    return run / "checkpoints" / "last.ckpt"
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

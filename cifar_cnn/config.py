@@ -1,5 +1,6 @@
 """OmegaConf resolvers used by the configs in conf/, and the checks of a composed config."""
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -7,16 +8,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_cnn.errors import UserError
 
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
 
 # key: (test of the value, what is allowed). Keys a config lacks are not checked.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model.optimizer.lr": (lambda v: v > 0, "a number > 0"),
-    "model.optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "model.optimizer.lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "model.optimizer.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "model.net.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.net.hidden_units": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "data.batch_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
@@ -47,20 +49,23 @@ def stdout_isatty() -> bool:
 
 
 def run_folder(checkpoint: str | None, new_folder: str) -> str:
-    """Where a run writes: a resumed run's own folder (`ckpt_path` is a run folder, or a file
-    in its checkpoints/), else `new_folder`."""
-    if checkpoint:
-        path = Path(checkpoint)
-        if path.is_dir():
-            return str(path)
-        if path.parent.name == "checkpoints":
-            return str(path.parent.parent)
-    return new_folder
+    """Where a run writes: the folder of the run that `ckpt_path` resumes, else `new_folder`."""
+    resumed = resumed_run(checkpoint) if checkpoint else None
+    return str(resumed) if resumed else new_folder
+
+
+def resumed_run(checkpoint: str | Path) -> Path | None:
+    """The run folder that `checkpoint` continues: given as the folder itself or as its
+    checkpoints/last.ckpt. None for anything else (train.py then says what it takes)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_file() and path.name == "last.ckpt" and path.parent.name == "checkpoints":
+        path = path.parent.parent
+    return path if (path / "checkpoints" / "last.ckpt").is_file() else None
 
 
 def config_subfolder(checkpoint: str | None) -> str:
     """Hydra's record of a run: a resumed run keeps the first record and adds its own."""
-    if checkpoint and run_folder(checkpoint, "") != "":
+    if checkpoint and resumed_run(checkpoint):
         return f".hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
     return ".hydra"
 
@@ -69,4 +74,5 @@ OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty, replace=True)
 OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 OmegaConf.register_new_resolver("config_subfolder", config_subfolder, replace=True)
 # Run folder names end in the process id: two runs started in the same second differ.
-OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+# Cached: every job of a sweep gets the same value, even with a launcher of many processes.
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True)

@@ -95,8 +95,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         # Write then rename: a run killed mid-write, or a second run building the same
         # cache at once, never leaves a half-written file under the final name.
         partial = self.cache_path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(cache, partial)
-        os.replace(partial, self.cache_path)
+        try:
+            torch.save(cache, partial)
+            os.replace(partial, self.cache_path)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
@@ -120,7 +123,14 @@ class CIFAR10DataModule(L.LightningDataModule):
             if set(cache) != {"train_images", "train_labels", "test_images", "test_labels"}:
                 raise ValueError(f"unexpected content {sorted(cache)}")
             return cache
-        except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
+        except (
+            RuntimeError,
+            EOFError,
+            OSError,
+            pickle.UnpicklingError,
+            ValueError,
+            TypeError,
+        ) as error:
             log.warning("rebuilding the unreadable data cache %s (%s)", self.cache_path, error)
         self.cache_path.unlink(missing_ok=True)
         self.prepare_data()

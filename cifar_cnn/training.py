@@ -3,14 +3,20 @@
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cifar_cnn.callbacks import TrainingStopped
 from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
 from cifar_cnn.config import validate
 from cifar_cnn.errors import UserError
@@ -40,11 +46,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule, model, trainer = build(cfg)
     resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if resume_from:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise UserError("resume one run at a time: ckpt_path does not go with -m")
         _check_same_settings(resume_from, datamodule, model)
 
     # Log lines print above progress bars instead of through them. Checkpoints are loaded
     # weights-only: no code in them runs (ours hold plain values only).
-    with logging_redirect_tqdm():
+    with logging_redirect_tqdm(), _sigterm_stops():
         trainer.fit(model, datamodule, ckpt_path=resume_from, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         val_acc_best = float(trainer.callback_metrics["val/acc_best"])
@@ -71,6 +79,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """Lightning ends a SIGTERM outside training (sanity check, test) with exit status 0;
+    make it a stop with a message and status 1. During training GracefulStop handles it."""
+    try:
+        yield
+    except SIGTERMException as error:
+        raise TrainingStopped("stopped by SIGTERM outside training; nothing was saved") from error
+
+
 def _hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     """The parts of the config that define a run's result, as plain values."""
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -93,7 +111,10 @@ def _check_same_settings(
     """A run resumes with the settings it was trained with, or not at all."""
     saved = read_checkpoint(checkpoint)
     now = {"model": dict(model.hparams), "data": dict(datamodule.hparams)}
-    then = {"model": saved["hyper_parameters"], "data": saved["datamodule_hyper_parameters"]}
+    then = {
+        "model": saved["hyper_parameters"],
+        "data": saved.get("datamodule_hyper_parameters", {}),
+    }
     for settings in (now, then):
         settings["data"] = {k: v for k, v in settings["data"].items() if k not in DATA_PLACES}
     differences = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from cifar_cnn.callbacks import TrainingStopped
+from cifar_cnn.callbacks import GracefulStop, TrainingStopped
 from cifar_cnn.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +54,10 @@ def test_a_signal_saves_last_ckpt_and_exits_non_zero(
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] > 100  # mid-epoch, after the first epoch's end
     assert not list(run_dir.glob("checkpoints/*.tmp"))
+
+
+def test_a_signal_during_the_last_validation_still_stops_with_a_message() -> None:
+    stop = GracefulStop()
+    stop._note(signal.SIGTERM, None)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at the end of training"):
+        stop.on_train_end(trainer=None, pl_module=None)

@@ -108,4 +108,5 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint(content, path)
     assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
     load_checkpoint(path)

@@ -72,7 +72,11 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.optimizer.lr=0", "model.optimizer.lr=0 is not allowed: it must be a number > 0"),
+        (
+            "model.optimizer.lr=0",
+            "model.optimizer.lr=0 is not allowed: it must be a finite number > 0",
+        ),
+        ("model.optimizer.lr=inf", "model.optimizer.lr=inf is not allowed"),
         ("model.optimizer.lr=-1e-3", "model.optimizer.lr=-0.001 is not allowed"),
         ("model.optimizer.lr=fast", "model.optimizer.lr='fast' is not allowed"),
         ("data.batch_size=0", "data.batch_size=0 is not allowed: it must be a whole number >= 1"),

@@ -164,7 +164,10 @@ def test_runs_started_together_get_their_own_folders(
     runs = [subprocess.Popen(command, cwd=tmp_path, env=env) for _ in range(2)]
     assert [run.wait(timeout=300) for run in runs] == [0, 0]
     folders = sorted((tmp_path / "outputs" / "runs").iterdir())
-    assert len(folders) == 2
+    # <date>_<time>_<pid>: apart even when both start in the same second
+    assert sorted(int(folder.name.rsplit("_", 1)[1]) for folder in folders) == sorted(
+        run.pid for run in runs
+    )
     assert all(len(list(folder.glob("checkpoints/*.ckpt"))) == 2 for folder in folders)
 
 
