@@ -20,6 +20,7 @@ from cifar_cnn.callbacks import TrainingStopped
 from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
 from cifar_cnn.config import validate
 from cifar_cnn.errors import UserError
+from cifar_cnn.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "run_info.json").write_text(json.dumps(provenance(cfg.seed), indent=2) + "\n")
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
@@ -72,8 +76,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # TensorBoard's HPARAMS tab: the run's settings beside its final figures.
         logger.log_hyperparams(_hyperparameters(cfg), metrics=_hparams_metrics(metrics))
         logger.finalize("success")
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("Test accuracy %.4f (checkpoint %s)", metrics["test/acc"], best or "last weights")
     return metrics
@@ -119,7 +121,7 @@ def _check_same_settings(
         settings["data"] = {k: v for k, v in settings["data"].items() if k not in DATA_PLACES}
     differences = [
         f"{key} is {then_value!r} there, {now_value!r} now"
-        for key, (then_value, now_value) in _paired(then, now).items()
+        for key, (then_value, now_value) in sorted(_paired(then, now).items())
         if then_value != now_value
     ]
     if differences:

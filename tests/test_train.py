@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -43,6 +44,12 @@ def test_smoke_run_writes_checkpoints_events_and_metrics(
     run_dir = Path(cfg.paths.output_dir)
 
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    info = json.loads((run_dir / "run_info.json").read_text())
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    assert info["git"]["commit"] == head.stdout.strip() and isinstance(info["git"]["dirty"], bool)
+    assert info["seed"] == 42 and info["packages"]["torch"] == torch.__version__.split("+")[0]
     assert set(FIGURES) <= metrics.keys() and metrics["epochs"] == 2
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and Path(metrics["best_checkpoint"]).name in checkpoints
