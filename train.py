@@ -7,15 +7,19 @@ python train.py -m model.optimizer.lr=1e-3,3e-4   # a sweep: one run folder per 
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cifar_cnn.errors import exit_on_user_error
-from cifar_cnn.training import train
+from cifar_cnn.training import train, train_in_sweep
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Returns the metric that sweepers optimise (`optimized_metric`)."""
+    """Returns the metric that sweepers optimise (`optimized_metric`); NaN for a failed job."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return train_in_sweep(cfg)
     with exit_on_user_error():
         metrics = train(cfg)
     return metrics[cfg.optimized_metric]

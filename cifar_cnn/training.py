@@ -66,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
 
     metrics = {
+        "status": "completed",
         "val/acc_best": val_acc_best,
         **{key: float(value) for key, value in test_metrics.items()},
         "epochs": trainer.current_epoch,
@@ -79,6 +80,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("Test accuracy %.4f (checkpoint %s)", metrics["test/acc"], best or "last weights")
     return metrics
+
+
+def train_in_sweep(cfg: DictConfig) -> float:
+    """One job of a sweep: `optimized_metric`, or NaN when the job fails. A failure (bad data,
+    a NaN loss, out of memory, a bug) is logged and recorded in the job's metrics.json, and the
+    other jobs go on."""
+    try:
+        return train(cfg)[cfg.optimized_metric]
+    except Exception as error:
+        log.error("this job failed: %s", error, exc_info=not isinstance(error, UserError))
+        record = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        return float("nan")
 
 
 @contextmanager

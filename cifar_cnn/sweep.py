@@ -1,0 +1,150 @@
+"""Sweep summaries: one table of every job of a Hydra multirun, written when the sweep ends.
+
+Rebuild it for any sweep folder with `python -m cifar_cnn.sweep outputs/multiruns/<sweep>`.
+"""
+
+import csv
+import json
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+METRIC = "val/acc_best"
+COLUMNS = ("job", "overrides", "val/acc_best", "test/acc", "epochs", "wall_time_s", "status",
+           "best_checkpoint")  # fmt: skip
+
+
+class SweepSummary(Callback):
+    """Hydra callback: summary.csv, summary.md and summary.png in the sweep folder."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_summary(Path(config.hydra.sweep.dir))
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Reads every job folder of `sweep_dir`; writes and returns the rows, best first."""
+    jobs = sorted(
+        (path for path in sweep_dir.iterdir() if (path / ".hydra" / "overrides.yaml").is_file()),
+        key=lambda path: (len(path.name), path.name),
+    )
+    if not jobs:
+        raise FileNotFoundError(f"no job folders (with .hydra/overrides.yaml) in {sweep_dir}")
+    overrides = {
+        job.name: yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) for job in jobs
+    }
+    shared = set.intersection(*(set(values) for values in overrides.values()))
+    rows = []
+    for job in jobs:
+        metrics_path = job / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        swept = [value for value in overrides[job.name] if value not in shared]
+        rows.append(
+            {column: metrics.get(column, "") for column in COLUMNS}
+            | {
+                "job": job.name,
+                "overrides": " ".join(swept),
+                "status": metrics.get("status", "unfinished"),
+            }  # fmt: skip
+        )
+    rows.sort(key=lambda row: (row["status"] != "completed", -_number(row[METRIC])))
+
+    with (sweep_dir / "summary.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (sweep_dir / "summary.md").write_text(_markdown(rows, sorted(shared)))
+    _plot(rows, overrides).savefig(sweep_dir / "summary.png", dpi=100)
+    log.info("Sweep summary: %s", sweep_dir / "summary.md")
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], shared: list[str]) -> str:
+    lines = [f"# Sweep summary ({len(rows)} jobs, best {METRIC} first)", ""]
+    if shared:
+        lines += ["Every job: `" + " ".join(shared) + "`", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[column]) for column in COLUMNS) + " |" for row in rows]
+    groups = _seed_groups(rows)
+    if groups:
+        lines += ["", f"## Over seeds (mean ± std of {METRIC} and test/acc)", ""]
+        lines += ["| overrides | jobs | val/acc_best | test/acc |", "| --- | --- | --- | --- |"]
+        for key, members in groups.items():
+            figures = [
+                _mean_std([row[metric] for row in members]) for metric in (METRIC, "test/acc")
+            ]
+            lines.append(
+                f"| {key or '(defaults)'} | {len(members)} | {figures[0]} | {figures[1]} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _seed_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Completed jobs that differ only in `seed=`, grouped by their other overrides."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "completed" and "seed=" in row["overrides"]:
+            key = " ".join(o for o in row["overrides"].split() if not o.startswith("seed="))
+            groups.setdefault(key, []).append(row)
+    return {key: members for key, members in groups.items() if len(members) > 1}
+
+
+def _plot(rows: list[dict[str, Any]], overrides: dict[str, list[str]]) -> Figure:
+    """The metric against each swept hyperparameter, one panel each."""
+    swept = sorted({o.split("=")[0] for row in rows for o in row["overrides"].split()})
+    figure = Figure(figsize=(4 * max(1, len(swept)), 3.5), layout="constrained")
+    for axes, key in zip(
+        figure.subplots(1, max(1, len(swept)), squeeze=False)[0], swept or [""], strict=True
+    ):
+        points = [
+            (value, _number(row[METRIC]))
+            for row in rows
+            for value in (_value_of(key, overrides[row["job"]]),)
+            if value is not None and row["status"] == "completed"
+        ]
+        numeric = all(isinstance(value, float) for value, _ in points)
+        if numeric and points and min(v for v, _ in points) > 0 and "lr" in key:
+            axes.set_xscale("log")
+        axes.scatter([str(v) if not numeric else v for v, _ in points], [m for _, m in points])
+        axes.set_xlabel(key or "job")
+        axes.set_ylabel(METRIC)
+    return figure
+
+
+def _value_of(key: str, overrides: list[str]) -> float | str | None:
+    for override in overrides:
+        name, _, value = override.partition("=")
+        if name == key:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+    return None
+
+
+def _number(value: Any) -> float:
+    return value if isinstance(value, int | float) and not math.isnan(value) else -math.inf
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m cifar_cnn.sweep <sweep folder>")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    write_summary(Path(sys.argv[1]))

@@ -1,0 +1,84 @@
+"""Sweeps: failed jobs are recorded and the others go on; the summary of every job."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cifar_cnn.sweep import write_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", "model.optimizer.lr=1e12,3e-4",
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
+        "trainer.max_epochs=3", "trainer.log_every_n_steps=1", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    failed = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "loss became nan" in failed["error"]
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "completed"
+    with (sweep / "summary.csv").open() as file:
+        rows = list(csv.DictReader(file))
+
+    def swept(job: str) -> str:  # as Hydra recorded it, e.g. model.optimizer.lr=0.0003
+        lines = (sweep / job / ".hydra" / "overrides.yaml").read_text().splitlines()
+        return next(line[2:] for line in lines if "optimizer.lr" in line)
+
+    assert [(row["job"], row["overrides"], row["status"]) for row in rows] == [
+        ("1", swept("1"), "completed"),
+        ("0", swept("0"), "failed"),
+    ]
+    assert float(rows[0]["val/acc_best"]) >= 0 and rows[0]["best_checkpoint"].endswith(".ckpt")
+    with Image.open(sweep / "summary.png") as image:
+        assert image.format == "PNG"
+    assert f"| 1 | {swept('1')} |" in (sweep / "summary.md").read_text()
+
+
+def fake_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None) -> None:
+    (sweep / name / ".hydra").mkdir(parents=True)
+    (sweep / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if metrics is not None:
+        (sweep / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_summary_sorts_best_first_and_groups_seeds(tmp_path: Path) -> None:
+    for i, (lr, seed, acc) in enumerate(
+        [(1e-3, 1, 0.60), (1e-3, 2, 0.64), (3e-4, 1, 0.70), (3e-4, 2, 0.66)]
+    ):
+        metrics = {"status": "completed", "val/acc_best": acc, "test/acc": acc - 0.01}
+        fake_job(
+            tmp_path,
+            str(i),
+            [f"model.optimizer.lr={lr}", f"seed={seed}", "data.batch_size=64"],
+            metrics,
+        )
+    fake_job(tmp_path, "4", ["model.optimizer.lr=1.0", "seed=1", "data.batch_size=64"], None)
+
+    rows = write_summary(tmp_path)
+    assert [row["job"] for row in rows] == ["2", "3", "1", "0", "4"]
+    assert rows[-1]["status"] == "unfinished"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Every job: `data.batch_size=64`" in summary
+    assert "| model.optimizer.lr=0.0003 | 2 | 0.6800 ± 0.0283 | 0.6700 ± 0.0283 |" in summary
+    assert "| model.optimizer.lr=0.001 | 2 | 0.6200 ± 0.0283 |" in summary
+
+
+def test_summary_of_a_folder_without_jobs_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no job folders"):
+        write_summary(tmp_path)
