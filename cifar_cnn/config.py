@@ -18,12 +18,17 @@ ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerator
 # key: (test of the value, what is allowed). Keys a config lacks are not checked.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.optimizer.lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "model.scheduler.max_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "model.optimizer.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "model.net.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.net.hidden_units": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "data.batch_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "data.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "data.val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "data.crop_padding": (
+        lambda v: isinstance(v, int) and 0 <= v < 32,
+        "a whole number in [0, 32)",
+    ),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_convert
@@ -69,6 +70,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         split_seed: int = 0,
         download: bool = True,
+        flip: bool = False,
+        crop_padding: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -148,9 +151,13 @@ class CIFAR10DataModule(L.LightningDataModule):
     def on_after_batch_transfer(
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
     ) -> tuple[Tensor, Tensor]:
-        """Scales uint8 images to floats in [0, 1] on the device: a quarter of the bytes travel."""
+        """Scales uint8 images to floats in [0, 1] on the device (a quarter of the bytes travel),
+        then augments training batches there."""
         images, labels = batch
-        return to_float_images(images), labels
+        images = to_float_images(images)
+        if self.trainer is not None and self.trainer.training:
+            images = augment(images, self.hparams.flip, self.hparams.crop_padding)
+        return images, labels
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -253,6 +260,28 @@ class CIFAR10DataModule(L.LightningDataModule):
 def to_float_images(images: Tensor) -> Tensor:
     """uint8 images (N, 3, H, W) to float32 in [0, 1], the scale the seed trained on."""
     return images.float().div_(255)
+
+
+def augment(images: Tensor, flip: bool, padding: int) -> Tensor:
+    """Per image: a random horizontal flip, and a random shift of up to `padding` pixels (a
+    crop of the reflect-padded image); batched tensor ops on the images' device."""
+    count, channels, height, width = images.shape
+    device = images.device
+    if flip:
+        flipped = torch.rand(count, device=device) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(3), images)
+    if padding:
+        padded = F.pad(images, (padding,) * 4, mode="reflect")
+        top, left = torch.randint(0, 2 * padding + 1, (2, count, 1), device=device)
+        rows = top + torch.arange(height, device=device)  # (count, height)
+        columns = left + torch.arange(width, device=device)  # (count, width)
+        images = padded[
+            torch.arange(count, device=device)[:, None, None, None],
+            torch.arange(channels, device=device)[None, :, None, None],
+            rows[:, None, :, None],
+            columns[:, None, None, :],
+        ]
+    return images
 
 
 def _decode(path: Path) -> Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -24,12 +25,18 @@ class ImageClassifier(L.LightningModule):
     """
 
     def __init__(
-        self, net: Mapping[str, Any], optimizer: Mapping[str, Any], num_classes: int = 10
+        self,
+        net: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        num_classes: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         _require_subclass(net, nn.Module)
         _require_subclass(optimizer, Optimizer)
+        if scheduler is not None:
+            _require_subclass(scheduler, LRScheduler)
         self.net = instantiate(net, _recursive_=False, _convert_="all")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -55,9 +62,18 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def configure_optimizers(self) -> Optimizer:
+    def configure_optimizers(self) -> Optimizer | dict[str, Any]:
         make_optimizer = instantiate(self.hparams.optimizer)  # a `_partial_` config
-        return make_optimizer(params=self.parameters())
+        optimizer = make_optimizer(params=self.parameters())
+        if self.hparams.scheduler is None:
+            return optimizer
+        # A `_partial_` schedule stepped every batch and told the run's length, as OneCycleLR.
+        make_scheduler = instantiate(self.hparams.scheduler)
+        scheduler = make_scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         """Loss and accuracy of one batch, logged as `<split>/loss` and `<split>/acc`."""

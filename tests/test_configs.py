@@ -96,12 +96,17 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
             "trainer.accelerator='tpuu' is not allowed: it must be one of",
         ),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed: it must be a whole number"),
+        (
+            "data.crop_padding=-2",
+            "data.crop_padding=-2 is not allowed: it must be a whole number in [0, 32)",
+        ),
+        ("experiment=seed_augmented model.scheduler.max_lr=0", "model.scheduler.max_lr=0 is not"),
     ],
 )
 def test_bad_values_stop_before_any_data_is_loaded(
     override: str, message: str, compose_config: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    cfg = compose_config(override, f"data.data_dir={tmp_path / 'never-read'}")
+    cfg = compose_config(*override.split(), f"data.data_dir={tmp_path / 'never-read'}")
     with pytest.raises(UserError) as error:
         train(cfg)
     assert message in str(error.value)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.error import URLError
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from cifar_cnn.data import CLASSES, CIFAR10DataModule
+from cifar_cnn.data import CLASSES, CIFAR10DataModule, augment
 from cifar_cnn.errors import DataNotFoundError, UserError
 
 from .conftest import make_image_folder
@@ -265,3 +266,35 @@ def test_a_read_only_data_folder_works(tiny_data_dir: Path, tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["80", "20", "40"]
+
+
+def test_augment_flips_and_shifts_each_image_on_its_own() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(64, 3, 32, 32)
+    assert torch.equal(augment(images, flip=False, padding=0), images)
+
+    flipped = augment(images, flip=True, padding=0)
+    mirrored = [torch.equal(a, b.flip(2)) for a, b in zip(flipped, images, strict=True)]
+    assert all(m or torch.equal(a, b) for m, a, b in zip(mirrored, flipped, images, strict=True))
+    assert 10 < sum(mirrored) < 54  # about half
+
+    shifted = augment(images, flip=False, padding=4)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
+    offsets = set()
+    for out, source in zip(shifted, padded, strict=True):
+        [offset] = [
+            (y, x) for y in range(9) for x in range(9)
+            if torch.equal(out, source[:, y : y + 32, x : x + 32])
+        ]  # fmt: skip
+        offsets.add(offset)
+    assert len(offsets) > 20  # the shifts differ from image to image
+
+
+def test_only_training_batches_are_augmented(tiny_data_dir: Path, tmp_path: Path) -> None:
+    datamodule = ready(tiny_data_dir, tmp_path / "cache", flip=True, crop_padding=4)
+    batch = next(iter(datamodule.train_dataloader()))
+    plain = batch[0].float() / 255
+    for training in (False, True):
+        datamodule.trainer = SimpleNamespace(training=training)
+        images, _ = datamodule.on_after_batch_transfer(batch, 0)
+        assert torch.equal(images, plain) != training

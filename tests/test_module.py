@@ -44,7 +44,8 @@ def test_checkpoint_reloads_without_hydra_and_predicts_the_same(
     trainer.save_checkpoint(path, weights_only=False)  # the full checkpoint, as training saves
 
     checkpoint = torch.load(path, weights_only=True)  # plain values only: no pickled objects
-    assert checkpoint["hyper_parameters"] == {"net": NET, "optimizer": ADAM, "num_classes": 10}
+    expected = {"net": NET, "optimizer": ADAM, "scheduler": None, "num_classes": 10}
+    assert checkpoint["hyper_parameters"] == expected
 
     reloaded = ImageClassifier.load_from_checkpoint(
         path, map_location="cpu", weights_only=True
@@ -52,3 +53,26 @@ def test_checkpoint_reloads_without_hydra_and_predicts_the_same(
     images = torch.rand(8, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(reloaded(images), model.eval()(images))
+
+
+ONE_CYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "max_lr": 0.01}
+
+
+def test_a_schedule_steps_every_batch_over_the_whole_run(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    model = ImageClassifier(net=NET, optimizer=ADAM, scheduler=ONE_CYCLE)
+    trainer = L.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
+    [config] = trainer.lr_scheduler_configs
+    assert config.interval == "step"
+    assert config.scheduler.total_steps == trainer.global_step == 10  # 80 images / 16, 2 epochs
+    assert config.scheduler.get_last_lr()[0] < 0.01 / 10  # annealed far below max_lr by the end
+
+
+def test_a_scheduler_must_be_a_scheduler_class() -> None:
+    with pytest.raises(ValueError, match="_target_ os.system is not a LRScheduler class"):
+        ImageClassifier(net=NET, optimizer=ADAM, scheduler={"_target_": "os.system"})
