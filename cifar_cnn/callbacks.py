@@ -48,6 +48,10 @@ class TrainingStopped(UserError):
     """Training stopped early on purpose; the message says why and what was kept."""
 
 
+class StoppedBySignal(TrainingStopped):
+    """Ctrl-C or SIGTERM: the user or the scheduler wants the whole process to end."""
+
+
 class FiniteLoss(Callback):
     """Stops the run, naming the step and learning rate, once the training loss is NaN or inf."""
 
@@ -84,7 +88,7 @@ class GracefulStop(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
         if self._received is not None:  # came during the last validation: training is done
-            raise TrainingStopped(
+            raise StoppedBySignal(
                 f"stopped by {self._received} at the end of training; its checkpoints are "
                 "complete, the test was not run"
             )
@@ -104,7 +108,7 @@ class GracefulStop(Callback):
         folder = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
         path = folder / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # all of it: weights, optimizer, loops
-        raise TrainingStopped(
+        raise StoppedBySignal(
             f"stopped by {self._received} at step {trainer.global_step} (epoch "
             f"{trainer.current_epoch}); saved {path}. Continue with: {_continue_command(path)}"
         )

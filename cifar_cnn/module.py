@@ -1,6 +1,7 @@
 """The LightningModule: trains any classifier net with cross-entropy and tracks accuracy."""
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,9 +68,12 @@ class ImageClassifier(L.LightningModule):
         optimizer = make_optimizer(params=self.parameters())
         if self.hparams.scheduler is None:
             return optimizer
-        # A `_partial_` schedule stepped every batch and told the run's length, as OneCycleLR.
+        # A `_partial_` schedule stepped every batch; told the run's length where it takes one.
         make_scheduler = instantiate(self.hparams.scheduler)
-        scheduler = make_scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        length = {"total_steps": self.trainer.estimated_stepping_batches}
+        if "total_steps" not in inspect.signature(make_scheduler).parameters:
+            length = {}
+        scheduler = make_scheduler(optimizer, **length)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

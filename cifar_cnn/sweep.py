@@ -28,7 +28,13 @@ class SweepSummary(Callback):
     """Hydra callback: summary.csv, summary.md and summary.png in the sweep folder."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_summary(Path(config.hydra.sweep.dir))
+        rows = write_summary(Path(config.hydra.sweep.dir))
+        failed = [row["job"] for row in rows if row["status"] != "completed"]
+        if failed:  # every job ran; the exit status still says that some failed
+            log.error(
+                "%d of %d jobs did not complete: %s", len(failed), len(rows), ", ".join(failed)
+            )
+            sys.exit(1)
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -45,8 +51,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     shared = set.intersection(*(set(values) for values in overrides.values()))
     rows = []
     for job in jobs:
-        metrics_path = job / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        metrics = _read_metrics(job / "metrics.json")
         swept = [value for value in overrides[job.name] if value not in shared]
         rows.append(
             {column: metrics.get(column, "") for column in COLUMNS}
@@ -66,6 +71,15 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     _plot(rows, overrides).savefig(sweep_dir / "summary.png", dpi=100)
     log.info("Sweep summary: %s", sweep_dir / "summary.md")
     return rows
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"status": "unreadable metrics.json"}
 
 
 def _markdown(rows: list[dict[str, Any]], shared: list[str]) -> str:

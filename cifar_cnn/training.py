@@ -1,7 +1,10 @@
 """A training run from a composed config: fit, test the best checkpoint, record the figures."""
 
+import gc
+import inspect
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -16,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cifar_cnn.callbacks import TrainingStopped
+from cifar_cnn.callbacks import StoppedBySignal
 from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
 from cifar_cnn.config import validate
 from cifar_cnn.errors import UserError
@@ -45,6 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").unlink(missing_ok=True)  # no stale result from an earlier run
     (output_dir / "run_info.json").write_text(json.dumps(provenance(cfg.seed), indent=2) + "\n")
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
@@ -85,16 +90,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def train_in_sweep(cfg: DictConfig) -> float:
     """One job of a sweep: `optimized_metric`, or NaN when the job fails. A failure (bad data,
     a NaN loss, out of memory, a bug) is logged and recorded in the job's metrics.json, and the
-    other jobs go on."""
+    other jobs go on; Ctrl-C or SIGTERM ends the whole sweep."""
     try:
         return train(cfg)[cfg.optimized_metric]
+    except StoppedBySignal as error:
+        _record_failure(cfg, "stopped", error)
+        log.error("%s", error)
+        sys.exit(1)
     except Exception as error:
+        _record_failure(cfg, "failed", error)
         log.error("this job failed: %s", error, exc_info=not isinstance(error, UserError))
-        record = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-        output_dir = Path(cfg.paths.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        gc.collect()  # let the failed job's tensors go before the next job starts
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return float("nan")
+
+
+def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "error": f"{type(error).__name__}: {error}"}
+    (output_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 @contextmanager
@@ -104,7 +120,7 @@ def _sigterm_stops() -> Iterator[None]:
     try:
         yield
     except SIGTERMException as error:
-        raise TrainingStopped("stopped by SIGTERM outside training; nothing was saved") from error
+        raise StoppedBySignal("stopped by SIGTERM outside training; nothing was saved") from error
 
 
 def _hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -133,6 +149,8 @@ def _check_same_settings(
         "model": saved["hyper_parameters"],
         "data": saved.get("datamodule_hyper_parameters", {}),
     }
+    for part, component in (("model", model), ("data", datamodule)):  # keys added later
+        then[part] = _defaults(type(component)) | then[part]
     for settings in (now, then):
         settings["data"] = {k: v for k, v in settings["data"].items() if k not in DATA_PLACES}
     differences = [
@@ -147,6 +165,11 @@ def _check_same_settings(
             + "; ".join(differences)
             + f"). Give the run's own overrides again (see {run_folder}/.hydra/overrides.yaml)"
         )
+
+
+def _defaults(component: type) -> dict[str, Any]:
+    parameters = inspect.signature(component.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _paired(then: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple]:

@@ -76,3 +76,14 @@ def test_a_schedule_steps_every_batch_over_the_whole_run(
 def test_a_scheduler_must_be_a_scheduler_class() -> None:
     with pytest.raises(ValueError, match="_target_ os.system is not a LRScheduler class"):
         ImageClassifier(net=NET, optimizer=ADAM, scheduler={"_target_": "os.system"})
+
+
+def test_schedulers_without_a_length_work_too(tiny_data_dir: Path, tmp_path: Path) -> None:
+    step_lr = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 2}
+    model = ImageClassifier(net=NET, optimizer=ADAM, scheduler=step_lr)
+    trainer = L.Trainer(
+        max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(3e-6)

@@ -8,8 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 
+from cifar_cnn.data import CIFAR10DataModule
+from cifar_cnn.errors import UserError
+from cifar_cnn.module import ImageClassifier
+from cifar_cnn.training import _check_same_settings
+
+ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [
     "trainer.accelerator=cpu", "trainer.max_epochs=3", "+trainer.limit_train_batches=30",
@@ -100,3 +108,23 @@ def test_resuming_with_other_settings_is_refused(
         in output
     )
     assert "Traceback" not in output
+
+
+def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    datamodule = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16)
+    model = ImageClassifier(net={"_target_": "cifar_cnn.nets.SeedCNN"}, optimizer=ADAM)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, datamodule)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path, weights_only=False)
+    old = torch.load(path, weights_only=True)
+    del old["hyper_parameters"]["scheduler"], old["datamodule_hyper_parameters"]["flip"]
+    torch.save(old, path)
+
+    _check_same_settings(path, datamodule, model)  # the missing keys had their defaults
+    other = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16, flip=True)
+    with pytest.raises(UserError, match="data.flip is False there, True now"):
+        _check_same_settings(path, other, model)
