@@ -11,15 +11,20 @@ NET = {"_target_": "cifar_cnn.nets.SeedCNN", "hidden_units": 32}
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-4}
 
 
+def fit_briefly(model: ImageClassifier, data_dir: Path, tmp_path: Path, **limits: int) -> L.Trainer:
+    """Fits on the tiny data (80 training images, batches of 16) for `limits` steps or epochs."""
+    trainer = L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, **limits,
+    )  # fmt: skip
+    trainer.fit(model, CIFAR10DataModule(data_dir, tmp_path / "cache", batch_size=16))
+    return trainer
+
+
 @pytest.fixture
 def trained(tiny_data_dir: Path, tmp_path: Path) -> tuple[L.Trainer, ImageClassifier]:
     model = ImageClassifier(net=NET, optimizer=ADAM)
-    trainer = L.Trainer(
-        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
-    return trainer, model
+    return fit_briefly(model, tiny_data_dir, tmp_path, max_steps=3), model
 
 
 def test_optimizer_comes_from_the_partial_config() -> None:
@@ -62,11 +67,7 @@ def test_a_schedule_steps_every_batch_over_the_whole_run(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     model = ImageClassifier(net=NET, optimizer=ADAM, scheduler=ONE_CYCLE)
-    trainer = L.Trainer(
-        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
+    trainer = fit_briefly(model, tiny_data_dir, tmp_path, max_epochs=2)
     [config] = trainer.lr_scheduler_configs
     assert config.interval == "step"
     assert config.scheduler.total_steps == trainer.global_step == 10  # 80 images / 16, 2 epochs
@@ -81,9 +82,5 @@ def test_a_scheduler_must_be_a_scheduler_class() -> None:
 def test_schedulers_without_a_length_work_too(tiny_data_dir: Path, tmp_path: Path) -> None:
     step_lr = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 2}
     model = ImageClassifier(net=NET, optimizer=ADAM, scheduler=step_lr)
-    trainer = L.Trainer(
-        max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
+    trainer = fit_briefly(model, tiny_data_dir, tmp_path, max_steps=4)
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(3e-6)
