@@ -5,7 +5,6 @@ plain values, so opening one runs no code from it. Ours need nothing more.
 """
 
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar_cnn.config import resumed_run
 from cifar_cnn.errors import UserError
+from cifar_cnn.files import written_then_renamed
 from cifar_cnn.module import ImageClassifier
 
 
@@ -26,13 +26,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with written_then_renamed(Path(path)) as partial:
             super().save_checkpoint(checkpoint, partial, storage_options)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

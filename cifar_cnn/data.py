@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, default_convert
 from torchvision.datasets import CIFAR10
 
 from cifar_cnn.errors import DataNotFoundError, UserError
+from cifar_cnn.files import written_then_renamed
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATA_DIR_ENV = "CIFAR10_DIR"
@@ -97,12 +98,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         }
         # Write then rename: a run killed mid-write, or a second run building the same
         # cache at once, never leaves a half-written file under the final name.
-        partial = self.cache_path.with_suffix(f".{os.getpid()}.tmp")
-        try:
+        with written_then_renamed(self.cache_path) as partial:
             torch.save(cache, partial)
-            os.replace(partial, self.cache_path)
-        finally:
-            partial.unlink(missing_ok=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
