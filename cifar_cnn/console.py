@@ -1,6 +1,7 @@
 """Known harmless library messages, silenced in this one place so that real warnings stand out."""
 
 import logging
+import os
 import warnings
 
 
@@ -20,5 +21,8 @@ def silence_known_noise() -> None:
     )
     # Our batches are slices of in-memory tensors: loader worker processes would only add cost.
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
+    # optuna 2.10 (the Hydra sweeper's) uses SQLAlchemy 1.4 APIs, pinned below 2 in pyproject.toml;
+    # SQLAlchemy's own switch for its "not compatible with 2.0" notice, read when it is imported.
+    os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
     # An advertisement for a hosted service, printed at every Trainer start.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip"))

@@ -17,7 +17,8 @@ from cifar_cnn.training import build, train
 
 from .conftest import CONFIG_DIR, compose_in
 
-GROUPS = ("paths", "data", "model", "trainer", "callbacks", "logger", "experiment", "debug")
+GROUPS = ("paths", "data", "model", "trainer", "callbacks", "logger", "experiment", "debug",
+          "hparams_search")  # fmt: skip
 OPTIONS = [
     f"{group}={path.stem}"
     for group in GROUPS

@@ -6,7 +6,11 @@ import os
 import re
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -85,3 +89,75 @@ def test_summary_sorts_best_first_and_groups_seeds(tmp_path: Path) -> None:
 def test_summary_of_a_folder_without_jobs_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no job folders"):
         write_summary(tmp_path)
+
+
+def test_tensorboard_serves_a_sweeps_runs_curves_and_hparams(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", "model.optimizer.lr=1e-3,3e-4",
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
+        "trainer.max_epochs=2", "trainer.log_every_n_steps=1", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1",
+         "--port", "0", "--load_fast", "false", "--reload_interval", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        address = _served_address(server)
+        deadline = time.monotonic() + 60
+        # It reads the event files in the background; hp/test_acc is each run's last point.
+        while time.monotonic() < deadline:
+            tags = _get(f"{address}/data/plugin/scalars/tags")
+            if len(tags) == 2 and all("hp/test_acc" in run_tags for run_tags in tags.values()):
+                break
+            time.sleep(0.5)
+        runs = _get(f"{address}/data/runs")
+        assert sorted(runs) == ["0/tensorboard", "1/tensorboard"]
+        for run in runs:
+            query = urllib.parse.urlencode({"run": run, "tag": "val/acc"})
+            curve = _get(f"{address}/data/plugin/scalars/scalars?{query}")
+            assert [step for _, step, _ in curve] == [7, 15]  # 8 steps an epoch, 2 epochs
+            metrics = json.loads((sweep / run.split("/")[0] / "metrics.json").read_text())
+            query = urllib.parse.urlencode({"run": run, "tag": "hp/test_acc"})
+            [(_, _, test_acc)] = _get(f"{address}/data/plugin/scalars/scalars?{query}")
+            assert test_acc == pytest.approx(metrics["test/acc"])
+        experiment = _post(f"{address}/data/plugin/hparams/experiment", {"experimentName": ""})
+        hparams = {info["name"] for info in experiment["hparamInfos"]}
+        assert {"model/optimizer/lr", "data/batch_size", "seed"} <= hparams
+        groups = _post(
+            f"{address}/data/plugin/hparams/session_groups",
+            {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+             "colParams": [{"hparam": "model/optimizer/lr"}], "startIndex": 0, "sliceSize": 10},
+        )["sessionGroups"]  # fmt: skip
+        assert sorted(g["hparams"]["model/optimizer/lr"] for g in groups) == [3e-4, 1e-3]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _served_address(server: subprocess.Popen) -> str:
+    """TensorBoard's address, from its start-up line ("... at http://127.0.0.1:PORT/ ...")."""
+    for line in server.stderr:
+        if match := re.search(r"(http://127\.0\.0\.1:\d+)/", line):
+            return match.group(1)
+    raise AssertionError(f"tensorboard exited ({server.wait()}) without serving")
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(url: str, body: dict) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())

@@ -1,0 +1,214 @@
+"""Hydra's Optuna sweeper, made resumable: rerunning a search continues its study.
+
+Hydra only loads sweepers from the `hydra_plugins` package, hence this module's place.
+Differences from `hydra_plugins.hydra_optuna_sweeper` (whose config and samplers it reuses):
+- `n_trials` is the study's total: trials already finished count, so a search that died
+  after 12 of 20 runs 8 more when started again with the same command.
+- A trial whose process died (Ctrl-C, SIGTERM, SIGKILL, a crash) is marked failed with the
+  user attribute `interrupted` and does not count; the search asks for a new trial instead.
+- A trial that fails or returns NaN is recorded as failed and the search goes on, up to
+  `max_failure_rate` of failed trials among all the study's finished trials.
+- Samplers only: the grid sampler, which needs the whole space up front, is not supported
+  (a plain multirun is the grid search).
+- Job folders are numbered by trial number, so a rerun never overwrites an earlier job and
+  `<sweep folder>/<N>` is trial N of the study.
+"""
+
+import logging
+import math
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_optuna_sweeper._impl import (
+    OptunaSweeperImpl,
+    create_params_from_overrides,
+)
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from omegaconf import OmegaConf
+from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.trial import FrozenTrial, TrialState
+
+from cifar_cnn.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+WORKER = "worker"  # user attribute: "<host>:<pid>" of the process running the trial
+INTERRUPTED = "interrupted"  # user attribute of a trial whose process died
+SEARCH = "search"  # study user attribute: the search space and fixed overrides
+
+
+class ResumableOptunaSweeper(OptunaSweeper):
+    """`hydra/sweeper=optuna` with `_target_` set to this class (see conf/hparams_search/)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.sweeper = _ResumableSweeperImpl(**kwargs)
+
+
+class _ResumableSweeperImpl(OptunaSweeperImpl):
+    def sweep(self, arguments: list[str]) -> None:
+        with exit_on_user_error():
+            self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> None:
+        self._process_searchspace_config()
+        distributions, fixed = create_params_from_overrides(
+            self._parse_sweeper_params_config() + list(arguments)
+        )
+        distributions = (self.search_space_distributions or {}) | distributions
+        for name in fixed:
+            distributions.pop(name, None)
+
+        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)  # SQLite's file lives there
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=self.storage,
+            sampler=self.sampler,
+            directions=self._get_directions(),
+            load_if_exists=True,
+        )
+        _check_same_search(study, distributions, fixed)
+        _mark_interrupted(study)
+        done = len(_counted(study))
+        if study.trials:
+            # A seeded sampler would otherwise repeat the suggestions of the first session.
+            self.sampler.reseed_rng()
+            log.info("Continuing study %s: %d of %d trials done", study.study_name, done,
+                     self.n_trials)  # fmt: skip
+        log.info("Study %s in %s, sampler %s", study.study_name, self.storage,
+                 type(self.sampler).__name__)  # fmt: skip
+
+        while (to_go := self.n_trials - len(_counted(study))) > 0:
+            trials = [study.ask() for _ in range(min(self.n_jobs, to_go))]
+            for trial in trials:
+                trial.set_user_attr(WORKER, _this_worker())
+            overrides = self._configure_trials(trials, distributions, fixed)
+            for trial, result in zip(trials, self._launch(trials, overrides), strict=True):
+                _tell(study, trial, result)
+            self._check_failure_rate(study)
+
+        self._save_results(study)
+
+    def _launch(
+        self, trials: list[optuna.Trial], overrides: Sequence[Sequence[str]]
+    ) -> list[JobReturn]:
+        """Runs the trials as jobs numbered by trial number (one batch when consecutive)."""
+        numbers = [trial.number for trial in trials]
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            return list(self.launcher.launch(overrides, initial_job_idx=numbers[0]))
+        return [
+            result
+            for number, trial_overrides in zip(numbers, overrides, strict=True)
+            for result in self.launcher.launch([trial_overrides], initial_job_idx=number)
+        ]
+
+    def _check_failure_rate(self, study: optuna.Study) -> None:
+        finished = _counted(study)
+        failed = [t for t in finished if t.state == TrialState.FAIL]
+        if len(failed) / len(finished) > self.max_failure_rate:
+            raise UserError(
+                f"{len(failed)} of {len(finished)} trials failed, more than "
+                f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: see the failed "
+                f"jobs' metrics.json in {self.sweep_dir}"
+            )
+
+    def _save_results(self, study: optuna.Study) -> None:
+        completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        if not completed:
+            log.warning("No trial of study %s completed", study.study_name)
+            return
+        best = study.best_trial
+        log.info("Best trial %d: %s = %s, %s", best.number, "value", best.value, best.params)
+        results = {
+            "name": "optuna",
+            "study_name": study.study_name,
+            "best_trial": best.number,
+            "best_params": best.params,
+            "best_value": best.value,
+        }
+        OmegaConf.save(
+            OmegaConf.create(results), Path(self.sweep_dir) / "optimization_results.yaml"
+        )
+
+
+def _check_same_search(
+    study: optuna.Study, distributions: dict[str, BaseDistribution], fixed: dict[str, Any]
+) -> None:
+    """Records the search's space and fixed overrides; a rerun must bring the same ones, or
+    its trials would not be comparable with the study's earlier ones."""
+    search = {
+        "space": {name: distribution_to_json(d) for name, d in sorted(distributions.items())},
+        "fixed": {name: str(value) for name, value in sorted(fixed.items())},
+    }
+    recorded = study.user_attrs.get(SEARCH)
+    if recorded is None:
+        study.set_user_attr(SEARCH, search)
+        return
+    differences = [
+        f"{part} {name}: {recorded[part].get(name)} before, {search[part].get(name)} now"
+        for part in ("space", "fixed")
+        for name in sorted(recorded[part].keys() | search[part].keys())
+        if recorded[part].get(name) != search[part].get(name)
+    ]
+    if differences:
+        raise UserError(
+            f"study {study.study_name} was started with other settings; rerun its own command "
+            "or give the search a new hydra.sweeper.study_name. Differences: "
+            + "; ".join(differences)
+        )
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn) -> None:
+    """Completes the trial with the job's value, or fails it (an exception, NaN, no value)."""
+    try:
+        value = float(result.return_value)  # raises the job's own exception, if any
+        if math.isnan(value):
+            raise ValueError("the job returned NaN (see its metrics.json)")
+    except Exception as error:
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning("Trial %d failed: %s", trial.number, error)
+        return
+    study.tell(trial, value)
+
+
+def _counted(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials that count toward n_trials: finished ones (not interrupted), and running ones."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))
+    ]
+
+
+def _mark_interrupted(study: optuna.Study) -> None:
+    """Fails the running trials of this host whose process is gone.
+
+    Trials running on other hosts (parallel workers sharing a database) are left alone.
+    """
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = trial.user_attrs.get(WORKER, ":").rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            running = optuna.Trial(study, trial._trial_id)
+            running.set_user_attr(INTERRUPTED, True)
+            study.tell(running, state=TrialState.FAIL)
+            log.warning("Trial %d was interrupted (process %s ended): not counted", trial.number,
+                        pid)  # fmt: skip
+
+
+def _this_worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -1,0 +1,112 @@
+"""Optuna searches (conf/hparams_search/): the study lives in the search folder and a rerun of
+the same command continues it toward n_trials, whatever stopped it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = Path("outputs/searches/seed_cnn")
+
+
+def search_command(data_dir: Path, n_trials: int, *overrides: str) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=seed_cnn",
+        f"hydra.sweeper.n_trials={n_trials}", f"data.data_dir={data_dir}",
+        "trainer.accelerator=cpu", "trainer.max_epochs=2", *overrides,
+    ]  # fmt: skip
+
+
+def run_search(cwd: Path, cache_dir: Path, command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def trials(cwd: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{cwd / SEARCH / 'optuna.db'}"
+    return optuna.load_study(study_name="seed_cnn", storage=storage).trials
+
+
+def job_folders(cwd: Path) -> list[str]:
+    return sorted(p.name for p in (cwd / SEARCH).iterdir() if (p / ".hydra").is_dir())
+
+
+def test_a_rerun_with_more_trials_continues_the_study(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_search(tmp_path, cache_dir, search_command(tiny_data_dir, 2))
+    first_jobs = {job: (tmp_path / SEARCH / job / "metrics.json").read_text() for job in "01"}
+    run_search(tmp_path, cache_dir, search_command(tiny_data_dir, 4))
+
+    study = trials(tmp_path)
+    assert [(t.number, t.state) for t in study] == [(n, TrialState.COMPLETE) for n in range(4)]
+    assert len({tuple(sorted(t.params.items())) for t in study}) == 4  # no repeated suggestion
+    assert job_folders(tmp_path) == ["0", "1", "2", "3"]
+    for job, metrics in first_jobs.items():  # the first session's jobs are untouched
+        assert (tmp_path / SEARCH / job / "metrics.json").read_text() == metrics
+    for trial in study:  # job folder N ran trial N's settings
+        overrides = (tmp_path / SEARCH / str(trial.number) / ".hydra/overrides.yaml").read_text()
+        assert f"model.optimizer.lr={trial.params['model.optimizer.lr']}" in overrides
+    summary = (tmp_path / SEARCH / "summary.md").read_text()
+    assert "(4 jobs, best val/acc_best first)" in summary
+    assert (tmp_path / SEARCH / "optimization_results.yaml").is_file()
+
+
+def test_a_killed_search_finishes_its_trials_when_rerun(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    command = search_command(tiny_data_dir, 3, "trainer.max_epochs=4")
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    search = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / SEARCH / "1" / "tensorboard").exists():  # trial 1 is training
+            assert search.poll() is None and time.monotonic() < deadline, "trial 1 never started"
+            time.sleep(0.05)
+        search.send_signal(signal.SIGKILL)
+    finally:
+        search.kill()
+        search.wait()
+    assert [t.state for t in trials(tmp_path)] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    result = run_search(tmp_path, cache_dir, command)
+    assert "Trial 1 was interrupted" in result.stdout + result.stderr
+    study = trials(tmp_path)
+    assert [t.state for t in study if t.state == TrialState.COMPLETE] == [TrialState.COMPLETE] * 3
+    [interrupted] = [t for t in study if t.state == TrialState.FAIL]
+    assert interrupted.number == 1 and interrupted.user_attrs["interrupted"]
+    assert job_folders(tmp_path) == ["0", "1", "2", "3"]
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    # A learning rate that makes the loss NaN: every trial fails, none stops the search.
+    run_search(tmp_path, cache_dir, search_command(tiny_data_dir, 2, "model.optimizer.lr=1e12"))
+    study = trials(tmp_path)
+    assert [t.state for t in study] == [TrialState.FAIL, TrialState.FAIL]
+    assert not any(t.user_attrs.get("interrupted") for t in study)
+    assert (tmp_path / SEARCH / "summary.md").read_text().count("| failed |") == 2
+
+
+def test_a_rerun_with_another_search_space_is_refused(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_search(tmp_path, cache_dir, search_command(tiny_data_dir, 1))
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    changed = search_command(tiny_data_dir, 2, "trainer.max_epochs=3")
+    result = subprocess.run(changed, cwd=tmp_path, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output
+    assert "fixed trainer.max_epochs: 2 before, 3 now" in output
+    assert len(trials(tmp_path)) == 1
