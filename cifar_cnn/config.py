@@ -29,6 +29,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, int) and 0 <= v < 32,
         "a whole number in [0, 32)",
     ),
+    "data.shuffle_seed": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0"),
+    "model.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "model.norm_bias_lr_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "model.optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "model.scheduler.peak_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "model.scheduler.start_factor": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
 }

@@ -8,8 +8,10 @@ Either is decoded once into `cache_dir` (never into `data_dir`, which may be rea
 
 import hashlib
 import logging
+import math
 import os
 import pickle
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_convert
+from torch.utils.data import DataLoader, Dataset, Sampler, default_convert
 from torchvision.datasets import CIFAR10
 
 from cifar_cnn.errors import DataNotFoundError, UserError
@@ -58,9 +60,89 @@ class InMemoryDataset(Dataset):
         index = torch.as_tensor(indices)
         return self.images[index], self.labels[index]
 
+    def to(self, device: torch.device) -> "InMemoryDataset":
+        """The same data on `device` (itself when already there)."""
+        if self.images.device == device:
+            return self
+        return InMemoryDataset(self.images.to(device), self.labels.to(device))
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> Tensor:
+    """A permutation of range(count) that depends on (seed, epoch) alone: a resumed run and
+    both data paths shuffle alike. SeedSequence mixes the two, so that (seed, epoch + 1) and
+    (seed + 1, epoch) do not share an order."""
+    mixed = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    return torch.randperm(count, generator=torch.Generator().manual_seed(int(mixed)))
+
+
+class EpochPermutation(Sampler[int]):
+    """Shuffled indices for a training epoch: `epoch_order(count, seed, epoch)`.
+
+    Lightning calls `set_epoch` before each epoch, on a DataLoader's sampler and on the
+    `sampler` of any other iterable.
+    """
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.count = count
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> Tensor:
+        return epoch_order(self.count, self.seed, self.epoch)  # (count,) int64
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class DeviceBatches:
+    """Batches sliced from a dataset that stays on its device, in the sampler's order (or in
+    order without one): what the DataLoader yields, with no workers and no copies per step."""
+
+    # Lightning reads these of any loader, as of a DataLoader: it calls `sampler.set_epoch`,
+    # and looks for a batch sampler when it checks for shuffling.
+    sampler: EpochPermutation | None
+    batch_sampler = None
+
+    def __init__(
+        self,
+        dataset: InMemoryDataset,
+        batch_size: int,
+        sampler: EpochPermutation | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        batches = len(self.dataset) / self.batch_size
+        return math.floor(batches) if self.drop_last else math.ceil(batches)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        images, labels = self.dataset.images, self.dataset.labels
+        order = None if self.sampler is None else self.sampler.order().to(images.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = slice(start, start + self.batch_size)
+            if order is not None:
+                index = order[index]
+            yield images[index], labels[index]  # (B, 3, 32, 32) uint8, (B,) int64
+
 
 class CIFAR10DataModule(L.LightningDataModule):
-    """CIFAR-10 with a seeded train/val split of the 50,000 training images; test = the 10,000."""
+    """CIFAR-10 with a seeded train/val split of the 50,000 training images; test = the 10,000.
+
+    Training batches follow `epoch_order(..., shuffle_seed, epoch)`; `shuffle_seed=None` takes
+    the run's seed (`torch.initial_seed()`, which `seed_everything` sets). With `on_device`,
+    the whole uint8 data set moves to the training device once and batches are slices of it
+    there (`DeviceBatches`), the same batches the DataLoaders give.
+    """
 
     def __init__(
         self,
@@ -73,6 +155,9 @@ class CIFAR10DataModule(L.LightningDataModule):
         download: bool = True,
         flip: bool = False,
         crop_padding: int = 0,
+        drop_last: bool = False,
+        shuffle_seed: int | None = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -136,14 +221,17 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.prepare_data()
         return torch.load(self.cache_path, weights_only=True)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, self.hparams.batch_size, shuffle=True)
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        dataset = self._require(self.data_train)
+        seed = self.hparams.shuffle_seed
+        sampler = EpochPermutation(len(dataset), torch.initial_seed() if seed is None else seed)
+        return self._batches("data_train", self.hparams.batch_size, sampler)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, self.hparams.eval_batch_size, shuffle=False)
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._batches("data_val", self.hparams.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, self.hparams.eval_batch_size, shuffle=False)
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._batches("data_test", self.hparams.eval_batch_size)
 
     def on_after_batch_transfer(
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
@@ -156,15 +244,35 @@ class CIFAR10DataModule(L.LightningDataModule):
             images = augment(images, self.hparams.flip, self.hparams.crop_padding)
         return images, labels
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
+    def _batches(
+        self, split: str, batch_size: int, sampler: EpochPermutation | None = None
+    ) -> DataLoader | DeviceBatches:
+        """The batches of `self.<split>`: shuffled by `sampler` when given, which only
+        training batches are, and only they drop a last partial batch (`drop_last`)."""
+        dataset = self._require(getattr(self, split))
+        drop_last = sampler is not None and self.hparams.drop_last
+        if self.hparams.on_device:
+            dataset = dataset.to(self._device)
+            setattr(self, split, dataset)  # moved once, kept there for the next epochs
+            return DeviceBatches(dataset, batch_size, sampler, drop_last)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            drop_last=drop_last,
             collate_fn=default_convert,  # __getitems__ already returns whole batches
         )
+
+    @staticmethod
+    def _require(dataset: InMemoryDataset | None) -> InMemoryDataset:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return dataset
+
+    @property
+    def _device(self) -> torch.device:
+        """The training device once a Trainer is attached, else the CPU."""
+        return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
 
     @cached_property
     def cache_path(self) -> Path:

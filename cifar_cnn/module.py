@@ -2,15 +2,17 @@
 
 import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -23,6 +25,13 @@ class ImageClassifier(L.LightningModule):
     rebuilds the module from the file alone, and `torch.load(..., weights_only=True)` opens it.
     Since a checkpoint names the classes that loading it builds, only an `nn.Module` net and a
     torch `Optimizer` are accepted, and nested `_target_`s are not built.
+
+    The other arguments are off by default (the seed's training): `label_smoothing` of the
+    training loss (validation and test report the plain cross-entropy); `flip_tta`, logits
+    averaged over each image and its mirror whenever the module is in eval mode (validation,
+    test, eval.py); `channels_last`, the net's and inputs' memory layout (faster convs on CPUs
+    and GPUs); `norm_bias_lr_scale`, a learning rate that many times larger for BatchNorm
+    biases, with weight decay as many times smaller so that the decay per step stays the same.
     """
 
     def __init__(
@@ -31,6 +40,10 @@ class ImageClassifier(L.LightningModule):
         optimizer: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         num_classes: int = 10,
+        label_smoothing: float = 0.0,
+        flip_tta: bool = False,
+        channels_last: bool = False,
+        norm_bias_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -39,6 +52,8 @@ class ImageClassifier(L.LightningModule):
         if scheduler is not None:
             _require_subclass(scheduler, LRScheduler)
         self.net = instantiate(net, _recursive_=False, _convert_="all")
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -46,7 +61,12 @@ class ImageClassifier(L.LightningModule):
         self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.net(images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = self.net(images)  # (N, classes)
+        if self.hparams.flip_tta and not self.training:
+            logits = (logits + self.net(images.flip(3))) / 2
+        return logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
@@ -65,7 +85,11 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:
         make_optimizer = instantiate(self.hparams.optimizer)  # a `_partial_` config
-        optimizer = make_optimizer(params=self.parameters())
+        optimizer = make_optimizer(params=self._parameter_groups())
+        if self.hparams.norm_bias_lr_scale != 1:
+            norm_biases = optimizer.param_groups[1]
+            norm_biases["lr"] *= self.hparams.norm_bias_lr_scale
+            norm_biases["weight_decay"] /= self.hparams.norm_bias_lr_scale
         if self.hparams.scheduler is None:
             return optimizer
         # A `_partial_` schedule stepped every batch; told the run's length where it takes one.
@@ -83,13 +107,48 @@ class ImageClassifier(L.LightningModule):
         """Loss and accuracy of one batch, logged as `<split>/loss` and `<split>/acc`."""
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         accuracy = getattr(self, f"{split}_acc")
         accuracy(logits, labels)  # forward(), not update(): training logs per-step values too
         per_step = split == "train"
         self.log(f"{split}/loss", loss, on_step=per_step, on_epoch=True, prog_bar=split != "test")
         self.log(f"{split}/acc", accuracy, on_step=per_step, on_epoch=True, prog_bar=split == "val")
         return loss
+
+    def _parameter_groups(self) -> Iterator[nn.Parameter] | list[dict[str, Any]]:
+        """All parameters, or with `norm_bias_lr_scale`: [the others, the BatchNorm biases]."""
+        if self.hparams.norm_bias_lr_scale == 1:
+            return self.parameters()
+        norms = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm2d) and m.affine]
+        norm_biases = [norm.bias for norm in norms]
+        chosen = {id(p) for p in norm_biases}
+        others = [p for p in self.parameters() if id(p) not in chosen]
+        return [{"params": others}, {"params": norm_biases}]
+
+
+class TriangularLR(LambdaLR):
+    """airbench's schedule: each group's rate rises linearly from `start_factor` times its own
+    to its own over the first `peak_fraction` of `total_steps`, then falls linearly to 0.
+
+    It scales each group's own rate, so `norm_bias_lr_scale`'s ratio between groups stays
+    (OneCycleLR would set one rate for all groups).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        peak_fraction: float = 0.2,
+        start_factor: float = 0.2,
+        last_epoch: int = -1,
+    ) -> None:
+        steps = [0, peak_fraction * total_steps, total_steps]
+
+        def factor(step: int) -> float:
+            return float(np.interp(step, steps, [start_factor, 1.0, 0.0]))
+
+        super().__init__(optimizer, factor, last_epoch)
 
 
 def _require_subclass(config: Mapping[str, Any], base: type) -> None:

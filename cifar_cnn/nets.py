@@ -2,6 +2,8 @@
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -46,3 +48,81 @@ def _keras_init(module: nn.Module) -> None:
     if isinstance(module, nn.Conv2d | nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+# CIFAR-10's per-channel mean and standard deviation of the training images, in [0, 1] units.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class FastCNN(nn.Module):
+    """airbench's network: a 2x2 stem conv, three conv stages, global max pool, scaled linear head.
+
+    Each stage is conv-pool-BN-GELU-conv-BN-GELU and halves the image (31 -> 15 -> 7 -> 3).
+    airbench initialises its stem from the data (whitening) and freezes it; here the stem is an
+    ordinary learned conv, so the net stays a plain module built from these arguments. It
+    normalises its [0, 1] input itself, so it takes the same images as SeedCNN. With the
+    defaults it has 1,972,792 parameters (1,152 of them the frozen BatchNorm scales).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        widths: Sequence[int] = (64, 256, 256),
+        stem_channels: int = 24,
+        batchnorm_momentum: float = 0.4,
+        logit_scale: float = 1 / 9,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(CIFAR10_MEAN)[:, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(CIFAR10_STD)[:, None, None], persistent=False)
+        self.stem = nn.Conv2d(in_channels, stem_channels, kernel_size=2)
+        stages, channels = [], stem_channels
+        for width in widths:
+            stages.append(ConvStage(channels, width, batchnorm_momentum))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(channels, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = (images - self.mean) / self.std  # (N, 3, 32, 32)
+        x = F.gelu(self.stem(x))  # (N, 24, 31, 31)
+        x = self.stages(x)  # (N, 256, 3, 3)
+        x = x.amax(dim=(2, 3))  # (N, 256): global max pool
+        return self.head(x) * self.logit_scale  # (N, classes)
+
+
+class ConvStage(nn.Module):
+    """conv 3x3, 2x2 max-pool, BN, GELU, conv 3x3, BN, GELU: one of FastCNN's stages."""
+
+    def __init__(self, in_channels: int, out_channels: int, batchnorm_momentum: float) -> None:
+        super().__init__()
+        self.conv1 = _identity_conv(in_channels, out_channels)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = _shift_only_batchnorm(out_channels, batchnorm_momentum)
+        self.conv2 = _identity_conv(out_channels, out_channels)
+        self.norm2 = _shift_only_batchnorm(out_channels, batchnorm_momentum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.conv1(x))  # (N, out, H / 2, W / 2)
+        x = F.gelu(self.norm1(x))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+def _identity_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A bias-free 3x3 'same' conv whose first `in_channels` filters start as the identity
+    (airbench's Dirac initialisation): the stage starts by passing its input through."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding="same", bias=False)
+    first = min(in_channels, out_channels)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:first])
+    return conv
+
+
+def _shift_only_batchnorm(channels: int, momentum: float) -> nn.BatchNorm2d:
+    """BatchNorm with its scale frozen at 1: only the shift (bias) learns, as in airbench."""
+    norm = nn.BatchNorm2d(channels, momentum=momentum)
+    norm.weight.requires_grad_(False)
+    return norm

@@ -136,7 +136,7 @@ def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 # Data settings that change where data lives or how fast it is read, not what a run learns.
-DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size")
+DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size", "on_device")
 
 
 def _check_same_settings(

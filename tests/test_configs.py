@@ -102,6 +102,12 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
             "data.crop_padding=-2 is not allowed: it must be a whole number in [0, 32)",
         ),
         ("experiment=seed_augmented model.scheduler.max_lr=0", "model.scheduler.max_lr=0 is not"),
+        ("experiment=fast model.label_smoothing=1.0", "model.label_smoothing=1.0 is not"),
+        ("experiment=fast model.optimizer.momentum=1.2", "model.optimizer.momentum=1.2 is not"),
+        ("experiment=fast model.norm_bias_lr_scale=0", "model.norm_bias_lr_scale=0 is not"),
+        ("experiment=fast model.scheduler.peak_fraction=2", "model.scheduler.peak_fraction=2 is"),
+        ("experiment=fast model.scheduler.start_factor=-1", "model.scheduler.start_factor=-1 is"),
+        ("data.shuffle_seed=-1", "data.shuffle_seed=-1 is not allowed"),
     ],
 )
 def test_bad_values_stop_before_any_data_is_loaded(

@@ -49,7 +49,11 @@ def test_checkpoint_reloads_without_hydra_and_predicts_the_same(
     trainer.save_checkpoint(path, weights_only=False)  # the full checkpoint, as training saves
 
     checkpoint = torch.load(path, weights_only=True)  # plain values only: no pickled objects
-    expected = {"net": NET, "optimizer": ADAM, "scheduler": None, "num_classes": 10}
+    expected = {
+        "net": NET, "optimizer": ADAM, "scheduler": None, "num_classes": 10,
+        "label_smoothing": 0.0, "flip_tta": False, "channels_last": False,
+        "norm_bias_lr_scale": 1.0,
+    }  # fmt: skip
     assert checkpoint["hyper_parameters"] == expected
 
     reloaded = ImageClassifier.load_from_checkpoint(

@@ -1,0 +1,346 @@
+"""Training speed: the project's Lightning path against the fastest plain PyTorch loop.
+
+Both train the same net from the same Hydra config on the same cached data, in one process,
+one after the other; the ratio project/reference is the framework's cost per epoch.
+
+python benchmarks/train_speed.py                          # seed config, 2 epochs each, CPU/GPU
+python benchmarks/train_speed.py --steps 20 --epochs 2    # a smoke run
+python benchmarks/train_speed.py --channels-last --precision bf16-mixed --compile
+python benchmarks/train_speed.py --keras                  # adds the Keras seed (`.[bench]`)
+python benchmarks/train_speed.py experiment=fast          # any train.py override after flags
+
+The last line printed is one JSON object (also written to --output when given).
+"""
+
+import argparse
+import json
+import math
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch import Tensor, nn
+
+from cifar_cnn.data import CIFAR10DataModule, to_float_images
+from cifar_cnn.training import build
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = compose_config(args)
+    datamodule: CIFAR10DataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    train_images, train_labels = datamodule.data_train.images, datamodule.data_train.labels
+    test_images, test_labels = datamodule.data_test.images, datamodule.data_test.labels
+    steps = args.steps or math.ceil(len(train_labels) / cfg.data.batch_size)
+
+    results: dict[str, Any] = {}
+    results["reference"] = reference_loop(cfg, args, device, train_images, train_labels, steps)
+    results["reference"]["eval_images_per_s"] = reference_eval(
+        cfg, args, device, results["reference"].pop("net"), test_images, test_labels
+    )
+    results["project"] = project_fit(cfg, args, datamodule, steps)
+    if args.keras:
+        results["keras"] = keras_fit(args, cfg, train_images, train_labels, steps)
+
+    summary = {
+        "reference_epoch_s": results["reference"]["epoch_s"],
+        "project_epoch_s": results["project"]["epoch_s"],
+        "ratio": results["project"]["epoch_s"] / results["reference"]["epoch_s"],
+        "keras_epoch_s": results.get("keras", {}).get("epoch_s"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": cfg.data.batch_size,
+        "steps_per_epoch": steps,
+        "epochs": args.epochs,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "overrides": args.overrides,
+        "details": results,
+    }
+    print_table(summary)
+    line = json.dumps(summary)
+    if args.output:
+        Path(args.output).write_text(line + "\n")
+    print(line)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--epochs", type=int, default=2, help="the first one is warm-up when >1")
+    parser.add_argument("--steps", type=int, default=0, help="train steps per epoch (0: all)")
+    parser.add_argument("--precision", default="32-true", help="Lightning's: 32-true, bf16-mixed")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the net")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--keras", action="store_true", help="add the Keras seed (tensorflow)")
+    parser.add_argument("--output", help="also write the JSON summary to this file")
+    parser.add_argument("overrides", nargs="*", help="train.py config overrides")
+    return parser.parse_args()
+
+
+def compose_config(args: argparse.Namespace) -> DictConfig:
+    """conf/train.yaml with the overrides, as train.py composes it, writing into a temp dir."""
+    accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+    overrides = [
+        *args.overrides,
+        f"trainer.accelerator={accelerator}",
+        "trainer.devices=1",
+        f"trainer.max_epochs={args.epochs}",
+        f"++trainer.precision={args.precision}",
+        "++trainer.num_sanity_val_steps=0",
+    ]
+    if args.steps:
+        overrides.append(f"++trainer.limit_train_batches={args.steps}")
+    if args.channels_last:
+        overrides.append("++model.channels_last=true")
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = tempfile.mkdtemp(prefix="train_speed-")
+        del cfg.hydra
+    return cfg
+
+
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def reference_loop(
+    cfg: DictConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    images: Tensor,
+    labels: Tensor,
+    steps: int,
+) -> dict[str, Any]:
+    """The fastest plain loop: batches sliced from in-memory tensors by a shuffled permutation."""
+    torch.manual_seed(cfg.seed)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    net = instantiate(cfg.model.net, _convert_="all").to(device, memory_format=memory_format)
+    optimizer = instantiate(cfg.model.optimizer)(params=net.parameters())
+    step = torch.compile(net) if args.compile else net
+    images, labels = images.to(device), labels.to(device)
+    batch_size = cfg.data.batch_size
+    reset_peak_memory(device)
+    epoch_times = []
+    for _ in range(args.epochs):
+        synchronize(device)
+        started = time.perf_counter()
+        order = torch.randperm(len(labels), device=device)
+        for i in range(steps):
+            index = order[i * batch_size : (i + 1) * batch_size]
+            batch = to_float_images(images[index]).contiguous(memory_format=memory_format)
+            with autocast(args, device):
+                loss = F.cross_entropy(step(batch), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        synchronize(device)
+        epoch_times.append(time.perf_counter() - started)
+    return {
+        "net": step,
+        **epoch_figures(epoch_times, steps * batch_size),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+@torch.inference_mode()
+def reference_eval(
+    cfg: DictConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    net: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+) -> float:
+    net.eval()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = images.to(device)
+    synchronize(device)
+    started = time.perf_counter()
+    for i in range(0, len(images), cfg.data.eval_batch_size):
+        batch = to_float_images(images[i : i + cfg.data.eval_batch_size])
+        with autocast(args, device):
+            net(batch.contiguous(memory_format=memory_format)).argmax(1)
+    synchronize(device)
+    return len(images) / (time.perf_counter() - started)
+
+
+class EpochTimer(L.Callback):
+    """Training time of each epoch: from its start to its last batch, validation excluded."""
+
+    def __init__(self) -> None:
+        self.epoch_times: list[float] = []
+        self.validation_s = 0.0
+        self._started: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(pl_module.device)
+        self._started = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end_training_part(pl_module)  # the epoch's training ends where validation starts
+        self._validation_started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end_training_part(pl_module)  # an epoch without validation
+
+    def _end_training_part(self, pl_module: L.LightningModule) -> None:
+        if self._started is not None:
+            synchronize(pl_module.device)
+            self.epoch_times.append(time.perf_counter() - self._started)
+            self._started = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(pl_module.device)
+        self.validation_s += time.perf_counter() - self._validation_started
+
+
+def project_fit(
+    cfg: DictConfig, args: argparse.Namespace, datamodule: CIFAR10DataModule, steps: int
+) -> dict[str, Any]:
+    """The project's own path: datamodule, module and Trainer from the config, as train.py."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    _, model, trainer = build(cfg)
+    timer = EpochTimer()
+    trainer.callbacks.append(timer)
+    if args.compile:
+        model.net = torch.compile(model.net)
+    device = torch.device(args.device)
+    reset_peak_memory(device)
+    trainer.fit(model, datamodule)
+    figures = epoch_figures(timer.epoch_times, steps * cfg.data.batch_size)
+    started = time.perf_counter()
+    trainer.test(model, datamodule, verbose=False)
+    synchronize(device)
+    return {
+        **figures,
+        "validation_s_per_epoch": timer.validation_s / args.epochs,
+        "eval_images_per_s": len(datamodule.data_test) / (time.perf_counter() - started),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def keras_fit(
+    args: argparse.Namespace, cfg: DictConfig, images: Tensor, labels: Tensor, steps: int
+) -> dict[str, Any]:
+    """The tutorial's Keras model and fit() on the same images: the framework to beat on CPU."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        print("keras: tensorflow is not installed (pip install -e '.[bench]'); skipped")
+        return {}
+    keras = tf.keras
+    tf.keras.utils.set_random_seed(cfg.seed)
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dropout(0.2),
+        keras.layers.Dense(10),
+    ])  # fmt: skip
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.model.optimizer.lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    batch_size = cfg.data.batch_size
+    count = min(len(labels), steps * batch_size)
+    x = (images[:count].permute(0, 2, 3, 1).float() / 255).numpy()  # NHWC, as Keras wants
+    y = labels[:count].numpy()
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            epoch_times.append(time.perf_counter() - self.started)
+
+    epoch_times: list[float] = []
+    model.fit(x, y, batch_size=batch_size, epochs=args.epochs, verbose=0, callbacks=[Timer()])
+    return {**epoch_figures(epoch_times, count), "tensorflow": tf.__version__}
+
+
+def epoch_figures(epoch_times: list[float], images_per_epoch: int) -> dict[str, Any]:
+    """Seconds per epoch (the mean after the first, warm-up, epoch) and images per second."""
+    timed = epoch_times[1:] or epoch_times
+    epoch_s = sum(timed) / len(timed)
+    return {
+        "epoch_s": epoch_s,
+        "images_per_s": images_per_epoch / epoch_s,
+        "epoch_times_s": [round(t, 3) for t in epoch_times],
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The device's peak allocation on CUDA; on CPU, the process's peak resident size so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"\n{summary['device']}, torch {summary['torch']}, {summary['threads']} threads, "
+          f"batch {summary['batch_size']}, {summary['steps_per_epoch']} steps/epoch, "
+          f"precision {summary['precision']}, channels_last {summary['channels_last']}, "
+          f"compile {summary['compile']}")  # fmt: skip
+    print(f"{'path':<10} {'epoch s':>9} {'train img/s':>12} {'eval img/s':>11} {'peak MB':>9}")
+    for name, figures in summary["details"].items():
+        if figures:
+            print(
+                f"{name:<10} {figures['epoch_s']:>9.2f} {figures['images_per_s']:>12.0f} "
+                f"{figures.get('eval_images_per_s', float('nan')):>11.0f} "
+                f"{figures.get('peak_memory_mb', float('nan')):>9.0f}"
+            )
+    print(f"ratio project/reference: {summary['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The speed benchmark runs end to end in a smoke mode and ends with one JSON line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_speed_smoke_run_writes_json(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "speed.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--device", "cpu",
+        "--steps", "3", "--epochs", "2", "--output", str(output),
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    last_line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last_line == json.loads(output.read_text())
+    assert {"reference_epoch_s", "project_epoch_s", "ratio", "device", "torch"} <= last_line.keys()
+    assert last_line["ratio"] == last_line["project_epoch_s"] / last_line["reference_epoch_s"]
+    assert last_line["steps_per_epoch"] == 3 and last_line["batch_size"] == 10
+    for path in ("reference", "project"):
+        figures = last_line["details"][path]
+        assert len(figures["epoch_times_s"]) == 2 and figures["images_per_s"] > 0
+        assert figures["eval_images_per_s"] > 0
+    assert "ratio project/reference" in result.stdout

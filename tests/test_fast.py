@@ -1,0 +1,204 @@
+"""The fast recipe: data kept on the device, FastCNN, and what ImageClassifier adds for them."""
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cifar_cnn.data import CIFAR10DataModule, DeviceBatches, epoch_order
+from cifar_cnn.module import ImageClassifier, TriangularLR
+from cifar_cnn.nets import FastCNN
+from cifar_cnn.training import build, train
+
+
+def ready(data_dir: Path, cache_dir: Path, **kwargs) -> CIFAR10DataModule:
+    datamodule = CIFAR10DataModule(data_dir, cache_dir, **kwargs)
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
+
+
+def epoch_batches(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
+    return list(loader)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_device_path_and_dataloader_give_the_same_batches(
+    drop_last: bool, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """80 training images in batches of 24: three full batches and a last one of 8."""
+    settings = dict(batch_size=24, shuffle_seed=3, drop_last=drop_last, flip=True, crop_padding=2)
+    loader = ready(tiny_data_dir, tmp_path / "cache", **settings)
+    device = ready(tiny_data_dir, tmp_path / "cache", on_device=True, **settings)
+    on_device = device.train_dataloader()
+    assert isinstance(on_device, DeviceBatches)
+    assert len(on_device) == len(loader.train_dataloader()) == (3 if drop_last else 4)
+    for epoch in (0, 1):
+        expected = epoch_batches(loader.train_dataloader(), epoch)
+        batches = epoch_batches(on_device, epoch)
+        assert [len(labels) for _, labels in batches] == [24, 24, 24] + ([] if drop_last else [8])
+        for (images, labels), (same_images, same_labels) in zip(expected, batches, strict=True):
+            assert torch.equal(images, same_images) and torch.equal(labels, same_labels)
+            for datamodule, batch in ((loader, (images, labels)), (device, (same_images, labels))):
+                datamodule.trainer = SimpleNamespace(training=True)
+                torch.manual_seed(epoch)  # the augmentation draws alike too
+                augmented = datamodule.on_after_batch_transfer(batch, 0)[0]
+            torch.manual_seed(epoch)
+            assert torch.equal(augmented, loader.on_after_batch_transfer((images, labels), 0)[0])
+    first, second = (epoch_batches(on_device, epoch)[0][1] for epoch in (0, 1))
+    assert not torch.equal(first, second)  # a new order every epoch
+
+
+def test_evaluation_batches_are_in_order_and_keep_the_last_partial_one(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    datamodule = ready(
+        tiny_data_dir, tmp_path / "cache", on_device=True, eval_batch_size=16, drop_last=True
+    )
+    batches = list(datamodule.test_dataloader())
+    assert [len(labels) for _, labels in batches] == [16, 16, 8]
+    assert torch.equal(torch.cat([images for images, _ in batches]), datamodule.data_test.images)
+
+
+def test_epoch_order_depends_on_seed_and_epoch_alone() -> None:
+    order = epoch_order(100, seed=42, epoch=3)
+    assert sorted(order.tolist()) == list(range(100))
+    assert torch.equal(order, epoch_order(100, seed=42, epoch=3))
+    others = [epoch_order(100, 42, 4), epoch_order(100, 43, 3), epoch_order(100, 43, 2)]
+    assert all(not torch.equal(order, other) for other in others)
+
+
+def test_the_shuffle_seed_defaults_to_the_run_seed(tiny_data_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(7)  # what seed_everything(7) does to torch
+    sampler = ready(tiny_data_dir, tmp_path / "cache").train_dataloader().sampler
+    assert sampler.seed == 7
+    assert list(sampler) == epoch_order(80, seed=7, epoch=0).tolist()
+
+
+def test_augmented_device_batches_keep_shape_type_and_range(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    datamodule = ready(tiny_data_dir, tmp_path / "cache", on_device=True, flip=True, crop_padding=4)
+    images, labels = next(iter(datamodule.train_dataloader()))
+    datamodule.trainer = SimpleNamespace(training=True)
+    floats, same_labels = datamodule.on_after_batch_transfer((images, labels), 0)
+    assert floats.shape == images.shape == (64, 3, 32, 32) and floats.dtype == torch.float32
+    assert floats.min() >= 0.0 and floats.max() <= 1.0
+    assert same_labels is labels and labels.dtype == torch.int64
+
+
+def test_fast_cnn_has_airbench_size_and_maps_images_to_logits() -> None:
+    net = FastCNN()
+    assert sum(p.numel() for p in net.parameters()) == 1_972_792
+    frozen = [p for p in net.parameters() if not p.requires_grad]
+    assert sum(p.numel() for p in frozen) == 2 * (64 + 256 + 256)  # the BatchNorm scales
+    logits = net(torch.rand(4, 3, 32, 32))
+    assert logits.shape == (4, 10) and logits.dtype == torch.float32
+    assert FastCNN(num_classes=5, widths=(8, 16, 32))(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+FAST_NET = {"_target_": "cifar_cnn.nets.FastCNN", "widths": [8, 16, 16]}
+SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "weight_decay": 1e-3}
+
+
+def test_flip_tta_averages_an_image_with_its_mirror_in_eval_mode() -> None:
+    model = ImageClassifier(FAST_NET, SGD, flip_tta=True, channels_last=True).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(model(images), model(images.flip(3)), atol=1e-6)
+        plain = model.net(images)
+        assert torch.allclose(model(images), (plain + model.net(images.flip(3))) / 2, atol=1e-6)
+    model.train()
+    assert not torch.allclose(model(images), model(images.flip(3)))
+
+
+def test_norm_biases_get_a_scaled_rate_and_the_same_decay_per_step() -> None:
+    model = ImageClassifier(FAST_NET, SGD, norm_bias_lr_scale=64)
+    others, biases = model.configure_optimizers().param_groups
+    assert (others["lr"], others["weight_decay"]) == (0.1, 1e-3)
+    assert biases["lr"] == pytest.approx(6.4) and biases["weight_decay"] == pytest.approx(1e-3 / 64)
+    assert len(biases["params"]) == 6  # two BatchNorms in each of three stages
+    assert len(others["params"]) + len(biases["params"]) == len(list(model.parameters()))
+
+
+def test_triangular_schedule_rises_then_falls_to_zero() -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    optimizer.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": 10.0})
+    schedule = TriangularLR(optimizer, total_steps=10, peak_fraction=0.2, start_factor=0.2)
+    rates = []
+    for _ in range(10):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        schedule.step()
+    assert [a for a, _ in rates] == pytest.approx([0.2, 0.6, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375,
+                                                   0.25, 0.125])  # fmt: skip
+    assert all(b == pytest.approx(10 * a) for a, b in rates)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_label_smoothing_applies_to_the_training_loss_only() -> None:
+    model = ImageClassifier(FAST_NET, SGD, label_smoothing=0.2)
+    model.log = lambda *args, **kwargs: None  # no Trainer here to log to
+    images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    logits = model.eval()(images)
+    assert model._step((images, labels), "val") == F.cross_entropy(logits, labels)
+    smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2)
+    assert torch.allclose(model._step((images, labels), "train"), smoothed)
+
+
+def test_fast_experiment_composes_and_builds(compose_config: Callable[..., DictConfig]) -> None:
+    cfg = compose_config("experiment=fast")
+    assert (cfg.data.batch_size, cfg.data.on_device, cfg.trainer.max_epochs) == (1024, True, 10)
+    datamodule, model, _ = build(cfg)
+    assert datamodule.hparams.on_device and isinstance(model.net, FastCNN)
+    assert model.hparams.label_smoothing == 0.2 and model.hparams.flip_tta
+
+
+def test_the_fast_recipe_lowers_the_loss_of_a_fixed_batch(
+    compose_config: Callable[..., DictConfig],
+) -> None:
+    torch.manual_seed(0)
+    model = instantiate(compose_config("experiment=fast").model)
+    optimizer = instantiate(model.hparams.optimizer)(params=model.parameters())
+    images, labels = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(model(images), labels, label_smoothing=0.2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_the_fast_experiment_trains_tests_and_resumes_exactly_on_the_cpu(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    """Two epochs of the whole recipe on the tiny data, with a narrower net; then the second
+    epoch again, resumed from the first one's checkpoint, to the same weights."""
+    overrides = [
+        "experiment=fast", f"data.data_dir={tiny_data_dir}", "data.batch_size=16",
+        "data.eval_batch_size=16", "model.net.widths=[8,16,16]", "trainer.accelerator=cpu",
+        "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "logger.tensorboard=null",
+    ]  # fmt: skip
+    full = compose_config(*overrides, "+callbacks.model_checkpoint.save_top_k=-1")
+    metrics = train(full)
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    assert 0 <= metrics["test/acc"] <= 1
+
+    checkpoints = Path(full.paths.output_dir) / "checkpoints"
+    resumed = compose_config(*overrides)
+    L.seed_everything(resumed.seed, workers=True)
+    datamodule, model, trainer = build(resumed)
+    trainer.fit(model, datamodule, ckpt_path=checkpoints / "epoch_000.ckpt", weights_only=True)
+    expected = torch.load(checkpoints / "last.ckpt", weights_only=True)["state_dict"]
+    assert expected.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
