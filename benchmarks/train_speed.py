@@ -90,7 +90,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="the first one is warm-up when >1")
     parser.add_argument("--steps", type=int, default=0, help="train steps per epoch (0: all)")
     parser.add_argument("--precision", default="32-true", help="Lightning's: 32-true, bf16-mixed")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="memory layout of net and inputs (default: the config's model.channels_last)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the net")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--keras", action="store_true", help="add the Keras seed (tensorflow)")
@@ -112,11 +116,12 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
     ]
     if args.steps:
         overrides.append(f"++trainer.limit_train_batches={args.steps}")
-    if args.channels_last:
-        overrides.append("++model.channels_last=true")
+    if args.channels_last is not None:
+        overrides.append(f"++model.channels_last={args.channels_last}")
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
+    args.channels_last = bool(cfg.model.get("channels_last", False))  # both paths alike
     with open_dict(cfg):
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="train_speed-")
         del cfg.hydra
