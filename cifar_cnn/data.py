@@ -76,28 +76,52 @@ def epoch_order(count: int, seed: int, epoch: int) -> Tensor:
 
 
 class EpochPermutation(Sampler[int]):
-    """Shuffled indices for a training epoch: `epoch_order(count, seed, epoch)`.
+    """This process's share of a training epoch's shuffled indices:
+    `epoch_order(count, seed, epoch)[rank::world_size]`, cut to `count // world_size` so that
+    every process of a distributed run takes as many steps. One process: the whole order.
 
     Lightning calls `set_epoch` before each epoch, on a DataLoader's sampler and on the
     `sampler` of any other iterable.
     """
 
-    def __init__(self, count: int, seed: int) -> None:
+    def __init__(self, count: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.count = count
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def order(self) -> Tensor:
-        return epoch_order(self.count, self.seed, self.epoch)  # (count,) int64
+        shard = epoch_order(self.count, self.seed, self.epoch)[self.rank :: self.world_size]
+        return shard[: len(self)]  # (count // world_size,) int64
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order().tolist())
 
     def __len__(self) -> int:
-        return self.count
+        return self.count // self.world_size
+
+
+class EvaluationShard(Sampler[int]):
+    """This process's share of an evaluation split, in order: indices rank, rank + world_size,
+    ... Every image is evaluated once over all processes (none repeated, none dropped)."""
+
+    def __init__(self, count: int, rank: int, world_size: int) -> None:
+        self.count = count
+        self.rank = rank
+        self.world_size = world_size
+
+    def order(self) -> Tensor:
+        return torch.arange(self.rank, self.count, self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.count, self.world_size))
 
 
 class DeviceBatches:
@@ -106,14 +130,14 @@ class DeviceBatches:
 
     # Lightning reads these of any loader, as of a DataLoader: it calls `sampler.set_epoch`,
     # and looks for a batch sampler when it checks for shuffling.
-    sampler: EpochPermutation | None
+    sampler: EpochPermutation | EvaluationShard | None
     batch_sampler = None
 
     def __init__(
         self,
         dataset: InMemoryDataset,
         batch_size: int,
-        sampler: EpochPermutation | None = None,
+        sampler: EpochPermutation | EvaluationShard | None = None,
         drop_last: bool = False,
     ) -> None:
         self.dataset = dataset
@@ -122,7 +146,8 @@ class DeviceBatches:
         self.drop_last = drop_last
 
     def __len__(self) -> int:
-        batches = len(self.dataset) / self.batch_size
+        count = len(self.dataset if self.sampler is None else self.sampler)
+        batches = count / self.batch_size
         return math.floor(batches) if self.drop_last else math.ceil(batches)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -224,14 +249,15 @@ class CIFAR10DataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader | DeviceBatches:
         dataset = self._require(self.data_train)
         seed = self.hparams.shuffle_seed
-        sampler = EpochPermutation(len(dataset), torch.initial_seed() if seed is None else seed)
+        seed = torch.initial_seed() if seed is None else seed
+        sampler = EpochPermutation(len(dataset), seed, *self._rank_and_world_size)
         return self._batches("data_train", self.hparams.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._batches("data_val", self.hparams.eval_batch_size)
+        return self._batches("data_val", self.hparams.eval_batch_size, self._shard("data_val"))
 
     def test_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._batches("data_test", self.hparams.eval_batch_size)
+        return self._batches("data_test", self.hparams.eval_batch_size, self._shard("data_test"))
 
     def on_after_batch_transfer(
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
@@ -245,12 +271,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         return images, labels
 
     def _batches(
-        self, split: str, batch_size: int, sampler: EpochPermutation | None = None
+        self, split: str, batch_size: int, sampler: EpochPermutation | EvaluationShard | None
     ) -> DataLoader | DeviceBatches:
-        """The batches of `self.<split>`: shuffled by `sampler` when given, which only
-        training batches are, and only they drop a last partial batch (`drop_last`)."""
+        """The batches of `self.<split>` in the order of `sampler` (None: in order). Only
+        training batches drop a last partial batch (`drop_last`)."""
         dataset = self._require(getattr(self, split))
-        drop_last = sampler is not None and self.hparams.drop_last
+        drop_last = isinstance(sampler, EpochPermutation) and self.hparams.drop_last
         if self.hparams.on_device:
             dataset = dataset.to(self._device)
             setattr(self, split, dataset)  # moved once, kept there for the next epochs
@@ -268,6 +294,21 @@ class CIFAR10DataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return dataset
+
+    def _shard(self, split: str) -> EvaluationShard | None:
+        """This process's share of an evaluation split in a distributed run; None alone."""
+        rank, world_size = self._rank_and_world_size
+        if world_size == 1:
+            return None
+        return EvaluationShard(len(self._require(getattr(self, split))), rank, world_size)
+
+    @property
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        """The data module splits the batches among processes itself (the trainer configs set
+        `use_distributed_sampler: false`): its seeded order then holds in DDP and on device."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     @property
     def _device(self) -> torch.device:

@@ -112,7 +112,13 @@ class ImageClassifier(L.LightningModule):
         accuracy = getattr(self, f"{split}_acc")
         accuracy(logits, labels)  # forward(), not update(): training logs per-step values too
         per_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=per_step, on_epoch=True, prog_bar=split != "test")
+        # DDP: the accuracies are torchmetrics, which sum over processes themselves; the
+        # evaluation losses are averaged over processes too, once per epoch. The training loss
+        # stays each process's own (a sync every step would cost more than it tells).
+        self.log(
+            f"{split}/loss", loss, on_step=per_step, on_epoch=True, prog_bar=split != "test",
+            sync_dist=not per_step,
+        )  # fmt: skip
         self.log(f"{split}/acc", accuracy, on_step=per_step, on_epoch=True, prog_bar=split == "val")
         return loss
 

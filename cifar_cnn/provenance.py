@@ -1,6 +1,7 @@
 """What a run needs to be reproduced, beside Hydra's record of its config and overrides."""
 
 import importlib.metadata
+import os
 import platform
 import shlex
 import subprocess
@@ -19,6 +20,8 @@ def provenance(seed: int) -> dict[str, Any]:
     """The command, seed, versions, hardware and the project's git commit (None outside git)."""
     return {
         "command": shlex.join(["python", *sys.argv]),
+        "host": platform.node(),
+        "pid": os.getpid(),
         "seed": seed,
         "python": platform.python_version(),
         "packages": {name: importlib.metadata.version(name) for name in PACKAGES},

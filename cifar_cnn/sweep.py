@@ -74,7 +74,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(_markdown(rows, sorted(shared)))
+    (sweep_dir / "summary.md").write_text(_markdown(rows, sorted(shared), sweep_dir.resolve()))
     _plot(rows, overrides).savefig(sweep_dir / "summary.png", dpi=100)
     log.info("Sweep summary: %s", sweep_dir / "summary.md")
     return rows
@@ -89,12 +89,15 @@ def _read_metrics(path: Path) -> dict[str, Any]:
         return {"status": "unreadable metrics.json"}
 
 
-def _markdown(rows: list[dict[str, Any]], shared: list[str]) -> str:
+def _markdown(rows: list[dict[str, Any]], shared: list[str], sweep_dir: Path) -> str:
     lines = [f"# Sweep summary ({len(rows)} jobs, best {METRIC} first)", ""]
     if shared:
         lines += ["Every job: `" + " ".join(shared) + "`", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[column]) for column in COLUMNS) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(_cell(column, row[column], sweep_dir) for column in COLUMNS) + " |"
+        for row in rows
+    ]
     groups = _seed_groups(rows)
     if groups:
         lines += ["", f"## Over seeds (mean ± std of {METRIC} and test/acc)", ""]
@@ -160,8 +163,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def _cell(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+def _cell(column: str, value: Any, sweep_dir: Path) -> str:
+    """Metrics to 4 decimals, seconds to 1, checkpoints relative to the sweep folder."""
+    if column == "best_checkpoint" and value and Path(value).is_relative_to(sweep_dir):
+        return str(Path(value).relative_to(sweep_dir))
+    if isinstance(value, float):
+        return f"{value:.1f}" if column == "wall_time_s" else f"{value:.4f}"
+    return str(value)
 
 
 if __name__ == "__main__":

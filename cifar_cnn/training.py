@@ -17,13 +17,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, read_write
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_cnn.callbacks import StoppedBySignal
 from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
 from cifar_cnn.config import validate
 from cifar_cnn.errors import UserError
+from cifar_cnn.memory import keep_freed_memory
 from cifar_cnn.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -47,16 +49,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     validate(cfg)
+    keep_freed_memory()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").unlink(missing_ok=True)  # no stale result from an earlier run
-    (output_dir / "run_info.json").write_text(json.dumps(provenance(cfg.seed), indent=2) + "\n")
+    if rank_zero_only.rank == 0:  # DDP: one process writes the run's files
+        (output_dir / "metrics.json").unlink(missing_ok=True)  # no stale result of earlier runs
+        info = json.dumps(provenance(cfg.seed), indent=2) + "\n"
+        (output_dir / "run_info.json").write_text(info)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if resume_from and in_sweep:
+        raise UserError("resume one run at a time: ckpt_path does not go with -m")
+    if in_sweep and (output_dir / "checkpoints" / "last.ckpt").is_file():
+        # A sweep job started again in its own folder: a cluster job requeued after
+        # preemption or time-out (hydra/launcher=slurm). It goes on from its last checkpoint.
+        resume_from = output_dir / "checkpoints" / "last.ckpt"
+        log.info("This job's folder holds %s: continuing from it", resume_from)
     if resume_from:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise UserError("resume one run at a time: ckpt_path does not go with -m")
         _check_same_settings(resume_from, datamodule, model)
 
     # Log lines print above progress bars instead of through them. Checkpoints are loaded
@@ -82,8 +93,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # TensorBoard's HPARAMS tab: the run's settings beside its final figures.
         logger.log_hyperparams(_hyperparameters(cfg), metrics=_hparams_metrics(metrics))
         logger.finalize("success")
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("Test accuracy %.4f (checkpoint %s)", metrics["test/acc"], best or "last weights")
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("Test accuracy %.4f (checkpoint %s)", metrics["test/acc"], best or "last weights")
     return metrics
 
 
@@ -91,6 +103,7 @@ def train_in_sweep(cfg: DictConfig) -> float:
     """One job of a sweep: `optimized_metric`, or NaN when the job fails. A failure (bad data,
     a NaN loss, out of memory, a bug) is logged and recorded in the job's metrics.json, and the
     other jobs go on; Ctrl-C or SIGTERM ends the whole sweep."""
+    _ddp_processes_join_this_job()
     try:
         return train(cfg)[cfg.optimized_metric]
     except StoppedBySignal as error:
@@ -106,7 +119,19 @@ def train_in_sweep(cfg: DictConfig) -> float:
         return float("nan")
 
 
+def _ddp_processes_join_this_job() -> None:
+    """Lightning starts each further DDP process as `python <script> <sys.argv[1:]>
+    hydra.run.dir=<hydra.run.dir>`: in a sweep that would start the whole sweep again,
+    elsewhere. Make it a plain run of this job, with its overrides, in its folder."""
+    hydra = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra.overrides.task]
+    with read_write(hydra):
+        hydra.run.dir = hydra.runtime.output_dir
+
+
 def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
+    if rank_zero_only.rank != 0:
+        return
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     record = {"status": status, "error": f"{type(error).__name__}: {error}"}

@@ -2,13 +2,18 @@
 the same command continues it toward n_trials, whatever stopped it."""
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +115,56 @@ def test_a_rerun_with_another_search_space_is_refused(
     assert result.returncode == 1 and "Traceback" not in output
     assert "fixed trainer.max_epochs: 2 before, 3 now" in output
     assert len(trials(tmp_path)) == 1
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server of its own on 127.0.0.1 (Debian's package), stopped at the end."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not binaries:
+        message = "PostgreSQL is not installed (apt-get install postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    bin_dir = binaries[-1].parent
+    # The server refuses to run as root: as root, run it as Debian's postgres user.
+    as_server = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="cifar-cnn-pg-"))
+    if as_server:
+        shutil.chown(data, "postgres")
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = [*as_server, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-w", "-s"]
+    subprocess.run([*as_server, str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust",
+                    "-U", "cifar"], check=True, capture_output=True)  # fmt: skip
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    subprocess.run([*server, "-o", options, "-l", str(data / "log"), "start"], check=True)
+    try:
+        yield f"postgresql://cifar@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*server, "-m", "fast", "stop"], check=False)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_one_study_on_a_database_server(
+    postgres_url: str, tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    command = search_command(tiny_data_dir, 4, f"hydra.sweeper.storage={postgres_url}")
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    workers = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+
+    study = optuna.load_study(study_name="seed_cnn", storage=postgres_url).trials
+    completed = [t for t in study if t.state == TrialState.COMPLETE]
+    # Each worker stops once n_trials have finished or are running; two that ask at the same
+    # moment can each start one: at most one trial past n_trials per extra worker.
+    assert 4 <= len(completed) == len(study) <= 5
+    assert len({t.user_attrs["worker"] for t in study}) == 2  # both took trials
+    assert job_folders(tmp_path) == sorted(str(t.number) for t in study)
+    assert not (tmp_path / SEARCH / "optuna.db").exists()  # the study is on the server

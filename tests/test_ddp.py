@@ -1,0 +1,57 @@
+"""DDP for real on the CPU: two processes talking gloo, against one process with the same
+global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(run_dir: Path, cache_dir: Path, data_dir: Path, *overrides: str) -> None:
+    command = [
+        sys.executable, str(ROOT / "train.py"), f"data.data_dir={data_dir}",
+        "model.net.dropout=0", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+        "+callbacks.shard_probe._target_=tests.probes.ShardProbe", f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        command, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Same global batches (20 images: 10 per process), no dropout: the figures agree within
+    float rounding (losses to 1e-3, accuracies to one image: 1/20 of val, 1/40 of test)."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    run_train(ddp, cache_dir, tiny_data_dir, "trainer=ddp_cpu", "data.batch_size=10")
+    run_train(single, cache_dir, tiny_data_dir, "trainer=cpu", "data.batch_size=20")
+
+    # One run folder, written once: one config record, one metrics.json, one set of checkpoints.
+    assert sorted(p.name for p in ddp.iterdir() if p.name.startswith(".")) == [".hydra"]
+    checkpoints = sorted(p.name for p in (ddp / "checkpoints").iterdir())
+    assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt", checkpoints
+    assert not list(ddp.glob("*.tmp")) and not list((ddp / "checkpoints").glob("*.tmp"))
+
+    # Each process trained on its own half of every global batch, the one-process run's batch.
+    rank0, rank1 = (json.loads((ddp / f"shard_rank{r}.json").read_text()) for r in (0, 1))
+    [alone] = [json.loads((single / "shard_rank0.json").read_text())]
+    assert len(rank0) == len(rank1) == len(alone) == 8  # 4 steps an epoch, 2 epochs
+    for mine, theirs, whole in zip(rank0, rank1, alone, strict=True):
+        assert len(mine) == len(theirs) == 10 and not set(mine) & set(theirs)
+        assert sorted(mine + theirs) == whole
+
+    together, one = (json.loads((run / "metrics.json").read_text()) for run in (ddp, single))
+    assert together["status"] == one["status"] == "completed"
+    assert together["test/loss"] == pytest.approx(one["test/loss"], abs=1e-3)
+    assert together["val/acc_best"] == pytest.approx(one["val/acc_best"], abs=1 / 20)
+    assert together["test/acc"] == pytest.approx(one["test/acc"], abs=1 / 40)

@@ -1,0 +1,70 @@
+"""Cluster launching through Hydra's submitit plugin: the SLURM config composes; its local
+stand-in runs a sweep for real, and a job signalled as preempted is requeued and continues."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from .conftest import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_slurm_launcher_takes_its_settings_from_config() -> None:
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                 "hydra.launcher.gpus_per_node=4", "hydra.launcher.nodes=2"]  # fmt: skip
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (
+        launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
+    assert (launcher.partition, launcher.nodes, launcher.gpus_per_node) == ("gpu", 2, 4)
+    assert launcher.tasks_per_node == 4  # one task per GPU, as Lightning's DDP wants on SLURM
+    assert launcher.timeout_min == 240 and launcher.signal_delay_s == 120
+    assert launcher.max_num_timeout == 3
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_a_sweep_and_a_preempted_job_continues(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "seed=1,2",
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
+        "trainer.max_epochs=40", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    sweep_process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        last = sweep / "0" / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 180
+        while not last.exists():  # job 0 has finished an epoch
+            assert sweep_process.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        job_0 = json.loads((sweep / "0" / "run_info.json").read_text())
+        os.kill(job_0["pid"], signal.SIGUSR2)  # what SLURM sends before preemption
+        output, _ = sweep_process.communicate(timeout=300)
+    finally:
+        sweep_process.kill()
+    assert sweep_process.returncode == 0, output
+
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["epochs"] == 40
+    log_0 = (sweep / "0" / "train.log").read_text()
+    assert (
+        "continuing from it" in log_0
+        and "continuing from it" not in (sweep / "1" / "train.log").read_text()
+    )
+    assert (sweep / "summary.md").is_file()
