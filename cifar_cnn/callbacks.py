@@ -35,6 +35,8 @@ class EpochSummary(Callback):
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:  # DDP: one line per epoch, from the first process
+            return
         metrics = trainer.callback_metrics
         figures = "  ".join(f"{key} {metrics[key]:.4f}" for key in self.keys if key in metrics)
         seconds = time.perf_counter() - self._epoch_start

@@ -198,6 +198,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         """Downloads (torchvision layout, when online) and decodes into the cache, once per node."""
         if self.cache_path.exists():
             return
+        log.info("Decoding %s into the cache %s (once)", self.data_dir, self.cache_path)
         train, test = self._decode_source()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         cache = {

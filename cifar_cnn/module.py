@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchmetrics import MaxMetric
@@ -126,7 +127,13 @@ class ImageClassifier(L.LightningModule):
         """All parameters, or with `norm_bias_lr_scale`: [the others, the BatchNorm biases]."""
         if self.hparams.norm_bias_lr_scale == 1:
             return self.parameters()
-        norms = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm2d) and m.affine]
+        # _BatchNorm: also the SyncBatchNorm layers that DDP's sync_batchnorm swaps in.
+        norms = [m for m in self.net.modules() if isinstance(m, _BatchNorm) and m.affine]
+        if not norms:
+            raise ValueError(
+                f"norm_bias_lr_scale={self.hparams.norm_bias_lr_scale} needs a net with "
+                "BatchNorm layers; this one has none (set it to 1)"
+            )
         norm_biases = [norm.bias for norm in norms]
         chosen = {id(p) for p in norm_biases}
         others = [p for p in self.parameters() if id(p) not in chosen]

@@ -14,11 +14,10 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_cnn.callbacks import StoppedBySignal
@@ -59,14 +58,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
-    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if resume_from and in_sweep:
-        raise UserError("resume one run at a time: ckpt_path does not go with -m")
-    if in_sweep and (output_dir / "checkpoints" / "last.ckpt").is_file():
-        # A sweep job started again in its own folder: a cluster job requeued after
-        # preemption or time-out (hydra/launcher=slurm). It goes on from its last checkpoint.
-        resume_from = output_dir / "checkpoints" / "last.ckpt"
-        log.info("This job's folder holds %s: continuing from it", resume_from)
     if resume_from:
         _check_same_settings(resume_from, datamodule, model)
 
@@ -103,8 +94,18 @@ def train_in_sweep(cfg: DictConfig) -> float:
     """One job of a sweep: `optimized_metric`, or NaN when the job fails. A failure (bad data,
     a NaN loss, out of memory, a bug) is logged and recorded in the job's metrics.json, and the
     other jobs go on; Ctrl-C or SIGTERM ends the whole sweep."""
-    _ddp_processes_join_this_job()
     try:
+        if cfg.get("ckpt_path"):
+            raise UserError("resume one run at a time: ckpt_path does not go with -m")
+        own_checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if own_checkpoint.is_file():
+            # A job started again in its own folder: a cluster job requeued after preemption
+            # or time-out (hydra/launcher=slurm). It goes on from its last checkpoint.
+            log.info("This job's folder holds %s: continuing from it", own_checkpoint)
+            with open_dict(cfg):
+                cfg.ckpt_path = str(own_checkpoint)
+        if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+            _ddp_processes_join_this_job(cfg)
         return train(cfg)[cfg.optimized_metric]
     except StoppedBySignal as error:
         _record_failure(cfg, "stopped", error)
@@ -119,12 +120,14 @@ def train_in_sweep(cfg: DictConfig) -> float:
         return float("nan")
 
 
-def _ddp_processes_join_this_job() -> None:
+def _ddp_processes_join_this_job(cfg: DictConfig) -> None:
     """Lightning starts each further DDP process as `python <script> <sys.argv[1:]>
     hydra.run.dir=<hydra.run.dir>`: in a sweep that would start the whole sweep again,
-    elsewhere. Make it a plain run of this job, with its overrides, in its folder."""
+    elsewhere. Make it a plain run of this job, with its overrides (and the checkpoint it
+    continues from), in its folder."""
     hydra = HydraConfig.get()
-    sys.argv = [sys.argv[0], *hydra.overrides.task]
+    resumed = [f"ckpt_path={cfg.ckpt_path}"] if cfg.get("ckpt_path") else []
+    sys.argv = [sys.argv[0], *hydra.overrides.task, *resumed]
     with read_write(hydra):
         hydra.run.dir = hydra.runtime.output_dir
 

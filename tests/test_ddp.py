@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_train(run_dir: Path, cache_dir: Path, data_dir: Path, *overrides: str) -> None:
+def run_train(run_dir: Path, cache_dir: Path, data_dir: Path, *overrides: str) -> str:
+    """Runs train.py into run_dir; returns its output (the other DDP processes' too)."""
     command = [
         sys.executable, str(ROOT / "train.py"), f"data.data_dir={data_dir}",
         "model.net.dropout=0", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
@@ -24,6 +25,7 @@ def run_train(run_dir: Path, cache_dir: Path, data_dir: Path, *overrides: str) -
         command, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
 
 
 @pytest.mark.slow
@@ -33,10 +35,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     """Same global batches (20 images: 10 per process), no dropout: the figures agree within
     float rounding (losses to 1e-3, accuracies to one image: 1/20 of val, 1/40 of test)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    run_train(ddp, cache_dir, tiny_data_dir, "trainer=ddp_cpu", "data.batch_size=10")
+    fresh_cache = tmp_path / "cache"  # built by one process, read by both
+    output = run_train(ddp, fresh_cache, tiny_data_dir, "trainer=ddp_cpu", "data.batch_size=10")
+    assert output.count("Decoding") == 1 and len(list(fresh_cache.glob("*.pt"))) == 1
     run_train(single, cache_dir, tiny_data_dir, "trainer=cpu", "data.batch_size=20")
 
-    # One run folder, written once: one config record, one metrics.json, one set of checkpoints.
+    # One run folder, written once: one config record, one metrics.json, one set of checkpoints;
+    # one report of each epoch and of the test accuracy.
+    assert output.count("epoch 001 (2/2)") == 1 and output.count("Test accuracy") == 1
     assert sorted(p.name for p in ddp.iterdir() if p.name.startswith(".")) == [".hydra"]
     checkpoints = sorted(p.name for p in (ddp / "checkpoints").iterdir())
     assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt", checkpoints

@@ -150,6 +150,8 @@ def postgres_url() -> Iterator[str]:
 def test_two_workers_share_one_study_on_a_database_server(
     postgres_url: str, tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
+    # Made here, so that the two workers do not both create Optuna's tables at once.
+    optuna.create_study(study_name="seed_cnn", storage=postgres_url, direction="maximize")
     command = search_command(tiny_data_dir, 4, f"hydra.sweeper.storage={postgres_url}")
     env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
     workers = [

@@ -37,7 +37,7 @@ from cifar_cnn.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
-WORKER = "worker"  # user attribute: "<host>:<pid>" of the process running the trial
+WORKER = "worker"  # user attribute: "<host>:<boot id>:<pid>" of the process running the trial
 INTERRUPTED = "interrupted"  # user attribute of a trial whose process died
 SEARCH = "search"  # study user attribute: the search space and fixed overrides
 
@@ -109,7 +109,7 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
     def _check_failure_rate(self, study: optuna.Study) -> None:
         finished = _counted(study)
         failed = [t for t in finished if t.state == TrialState.FAIL]
-        if len(failed) / len(finished) > self.max_failure_rate:
+        if len(failed) / len(finished) > self.max_failure_rate:  # more than that share
             raise UserError(
                 f"{len(failed)} of {len(finished)} trials failed, more than "
                 f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: see the failed "
@@ -186,13 +186,15 @@ def _counted(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def _mark_interrupted(study: optuna.Study) -> None:
-    """Fails the running trials of this host whose process is gone.
-
-    Trials running on other hosts (parallel workers sharing a database) are left alone.
-    """
+    """Fails the running trials of this machine whose process is gone: ended, or from before
+    a reboot (pids are reused). Trials running on other machines (parallel workers sharing a
+    database) are left alone."""
+    host, boot, _ = _this_worker().split(":")
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = trial.user_attrs.get(WORKER, ":").rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        trial_host, trial_boot, pid = trial.user_attrs.get(WORKER, "::").split(":")
+        if trial_host != host or not pid.isdigit():
+            continue
+        if trial_boot != boot or int(pid) == os.getpid() or not _alive(int(pid)):
             running = optuna.Trial(study, trial._trial_id)
             running.set_user_attr(INTERRUPTED, True)
             study.tell(running, state=TrialState.FAIL)
@@ -201,7 +203,10 @@ def _mark_interrupted(study: optuna.Study) -> None:
 
 
 def _this_worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """ "<host>:<boot id>:<pid>": the boot id tells a pid of this boot from a reused one."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    boot = boot_id.read_text().strip() if boot_id.is_file() else ""
+    return f"{socket.gethostname()}:{boot}:{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
