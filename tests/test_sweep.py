@@ -20,18 +20,27 @@ from cifar_cnn.sweep import write_summary
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_sweep(
+    sweep: Path, data_dir: Path, cache_dir: Path, *overrides: str
+) -> subprocess.CompletedProcess:
+    """A two-job learning-rate sweep (`overrides` name the rates) on a tiny data tree."""
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", f"data.data_dir={data_dir}",
+        "data.batch_size=10", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
+        f"hydra.sweep.dir={sweep}", *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    return subprocess.run(
+        command, cwd=sweep.parent, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(
     tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable, str(ROOT / "train.py"), "-m", "model.optimizer.lr=1e12,3e-4",
-        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
-        "trainer.max_epochs=3", "trainer.log_every_n_steps=1", f"hydra.sweep.dir={sweep}",
-    ]  # fmt: skip
-    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    result = run_sweep(
+        sweep, tiny_data_dir, cache_dir, "model.optimizer.lr=1e12,3e-4", "trainer.max_epochs=3"
     )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output  # every job ran, but not all completed
@@ -95,14 +104,10 @@ def test_tensorboard_serves_a_sweeps_runs_curves_and_hparams(
     tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable, str(ROOT / "train.py"), "-m", "model.optimizer.lr=1e-3,3e-4",
-        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
-        "trainer.max_epochs=2", "trainer.log_every_n_steps=1", f"hydra.sweep.dir={sweep}",
-    ]  # fmt: skip
-    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode()
+    result = run_sweep(
+        sweep, tiny_data_dir, cache_dir, "model.optimizer.lr=1e-3,3e-4", "trainer.max_epochs=2"
+    )
+    assert result.returncode == 0, result.stderr
 
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1",
