@@ -75,7 +75,18 @@ def epoch_order(count: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(int(mixed)))
 
 
-class EpochPermutation(Sampler[int]):
+class IndexOrder(Sampler[int]):
+    """A sampler whose indices come as one tensor, `order()`: DeviceBatches slices by it on
+    the device, a DataLoader iterates over it."""
+
+    def order(self) -> Tensor:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+
+class EpochPermutation(IndexOrder):
     """This process's share of a training epoch's shuffled indices:
     `epoch_order(count, seed, epoch)[rank::world_size]`, cut to `count // world_size` so that
     every process of a distributed run takes as many steps. One process: the whole order.
@@ -98,14 +109,11 @@ class EpochPermutation(Sampler[int]):
         shard = epoch_order(self.count, self.seed, self.epoch)[self.rank :: self.world_size]
         return shard[: len(self)]  # (count // world_size,) int64
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())
-
     def __len__(self) -> int:
         return self.count // self.world_size
 
 
-class EvaluationShard(Sampler[int]):
+class EvaluationShard(IndexOrder):
     """This process's share of an evaluation split, in order: indices rank, rank + world_size,
     ... Every image is evaluated once over all processes (none repeated, none dropped)."""
 
@@ -117,9 +125,6 @@ class EvaluationShard(Sampler[int]):
     def order(self) -> Tensor:
         return torch.arange(self.rank, self.count, self.world_size)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())
-
     def __len__(self) -> int:
         return len(range(self.rank, self.count, self.world_size))
 
@@ -130,14 +135,14 @@ class DeviceBatches:
 
     # Lightning reads these of any loader, as of a DataLoader: it calls `sampler.set_epoch`,
     # and looks for a batch sampler when it checks for shuffling.
-    sampler: EpochPermutation | EvaluationShard | None
+    sampler: IndexOrder | None
     batch_sampler = None
 
     def __init__(
         self,
         dataset: InMemoryDataset,
         batch_size: int,
-        sampler: EpochPermutation | EvaluationShard | None = None,
+        sampler: IndexOrder | None = None,
         drop_last: bool = False,
     ) -> None:
         self.dataset = dataset
@@ -272,7 +277,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         return images, labels
 
     def _batches(
-        self, split: str, batch_size: int, sampler: EpochPermutation | EvaluationShard | None
+        self, split: str, batch_size: int, sampler: IndexOrder | None
     ) -> DataLoader | DeviceBatches:
         """The batches of `self.<split>` in the order of `sampler` (None: in order). Only
         training batches drop a last partial batch (`drop_last`)."""
