@@ -12,6 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 
+from cifar_cnn.data import to_float_images
 from cifar_cnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,57 @@ class StoppedBySignal(TrainingStopped):
 
 
 class FiniteLoss(Callback):
-    """Stops the run, naming the step and learning rate, once the training loss is NaN or inf."""
+    """Stops the run, naming the step and learning rate, once the training loss is NaN or inf.
+
+    The losses are read from the device every `trainer.log_every_n_steps` steps, before each
+    validation and before each checkpoint, not every step: a read per step makes a GPU
+    wait for its queue to drain, step after step. No non-finite weights reach a checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[torch.Tensor, int, int, float]] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
-        loss = outputs["loss"]
-        if not torch.isfinite(loss):
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
-            raise TrainingStopped(
-                f"the training loss became {loss.item()} at step {trainer.global_step} "
-                f"(epoch {trainer.current_epoch}) with learning rate {lr:g}: training cannot "
-                "recover from that; try a smaller model.optimizer.lr"
-            )
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        step = (outputs["loss"].detach(), trainer.global_step, trainer.current_epoch, lr)
+        self._pending.append(step)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._check()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending.clear()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check()
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        """One read for all the steps since the last check."""
+        if not self._pending:
+            return
+        losses = torch.stack([loss for loss, *_ in self._pending])
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            self._pending.clear()
+            return
+        first = int((~finite).nonzero()[0])
+        _, step, epoch, lr = self._pending[first]
+        self._pending.clear()
+        raise TrainingStopped(
+            f"the training loss became {losses[first].item()} at step {step} (epoch {epoch}) "
+            f"with learning rate {lr:g}: training cannot recover from that; try a smaller "
+            "model.optimizer.lr"
+        )
 
 
 class GracefulStop(Callback):
@@ -150,6 +188,81 @@ class RandomState(Callback):
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class WhitenStem(Callback):
+    """airbench's data-dependent start: before training, the net's stem whitens the 2x2
+    patches of the first `images` training images (`whiten_stem` of nets.FastCNN); its bias
+    learns for the first `bias_epochs` epochs, then stays. A resumed run takes the stem from
+    its checkpoint, which Lightning loads after this sets it."""
+
+    def __init__(self, images: int = 5000, bias_epochs: int = 3) -> None:
+        self.images = images
+        self.bias_epochs = bias_epochs
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        net = pl_module.net
+        if not hasattr(net, "whiten_stem"):
+            raise UserError(
+                f"callbacks.whiten_stem needs a net with a whiten_stem method (nets.FastCNN); "
+                f"{type(net).__name__} has none"
+            )
+        train_images = trainer.datamodule.data_train.images[: self.images]
+        net.whiten_stem(to_float_images(train_images))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.net.stem.bias.requires_grad_(trainer.current_epoch < self.bias_epochs)
+
+
+class Lookahead(Callback):
+    """airbench's lookahead: every `every_n_steps` steps the weights move to a running average
+    of themselves (the average `decay` of the way back, `decay` growing as the cube of the
+    run's progress up to `final_decay`); at the last step they become that average.
+
+    Not Lightning's WeightAveraging: that keeps the average beside the net, while this writes
+    it back into the net, which trains on from there. The average is saved in checkpoints.
+    """
+
+    def __init__(self, every_n_steps: int = 5, final_decay: float = 0.95**5) -> None:
+        self.every_n_steps = every_n_steps
+        self.final_decay = final_decay
+        self._average: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        weights = self._weights(pl_module)
+        if self._average:  # resumed: the average from the checkpoint
+            self._average = [a.to(w.device) for a, w in zip(self._average, weights, strict=True)]
+        else:
+            self._average = [w.detach().clone() for w in weights]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        step, total = trainer.global_step, trainer.estimated_stepping_batches
+        if step >= total:
+            decay = 1.0  # the last step: the net becomes the average
+        elif step % self.every_n_steps == 0:
+            decay = self.final_decay * (step / total) ** 3
+        else:
+            return
+        weights = self._weights(pl_module)
+        with torch.no_grad():
+            torch._foreach_lerp_(self._average, weights, 1 - decay)
+            torch._foreach_copy_(weights, self._average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": self._average}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._average = list(state_dict["average"])
+
+    @staticmethod
+    def _weights(pl_module: L.LightningModule) -> list[torch.Tensor]:
+        """The net's floating-point state: parameters and BatchNorm statistics, as airbench."""
+        return [t for t in pl_module.net.state_dict().values() if t.is_floating_point()]
 
 
 def _continue_command(checkpoint: Path) -> str:

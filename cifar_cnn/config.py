@@ -35,6 +35,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.scheduler.peak_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "model.scheduler.start_factor": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    "model.scheduler.end_factor": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
 }

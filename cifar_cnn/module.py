@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -32,7 +32,9 @@ class ImageClassifier(L.LightningModule):
     averaged over each image and its mirror whenever the module is in eval mode (validation,
     test, eval.py); `channels_last`, the net's and inputs' memory layout (faster convs on CPUs
     and GPUs); `norm_bias_lr_scale`, a learning rate that many times larger for BatchNorm
-    biases, with weight decay as many times smaller so that the decay per step stays the same.
+    biases, with weight decay as many times smaller so that the decay per step stays the same;
+    `translate_tta`, in eval mode, logits also averaged over the image shifted by one pixel up
+    and left and by one down and right (airbench's second level of test-time augmentation).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class ImageClassifier(L.LightningModule):
         flip_tta: bool = False,
         channels_last: bool = False,
         norm_bias_lr_scale: float = 1.0,
+        translate_tta: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -55,25 +58,65 @@ class ImageClassifier(L.LightningModule):
         self.net = instantiate(net, _recursive_=False, _convert_="all")
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # validate_args=False: the argument checks (torch.unique of the labels) make a GPU wait
+        # for its queue to drain at every batch. The data module's labels are class indices.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.train_loss = MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best
 
     def forward(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = self.net(images)  # (N, classes)
-        if self.hparams.flip_tta and not self.training:
+        if self.training:
+            return self.net(images)  # (N, classes)
+        logits = self._mirrored(images)
+        if self.hparams.translate_tta:  # airbench: half the image, a quarter each 1-pixel shift
+            padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+            shifted = (padded[:, :, :-2, :-2], padded[:, :, 2:, 2:])
+            logits = logits / 2 + sum(self._mirrored(x) for x in shifted) / 4
+        return logits
+
+    def _mirrored(self, images: Tensor) -> Tensor:
+        """The net's logits, averaged with its mirror image's when `flip_tta` is on."""
+        logits = self.net(images)
+        if self.hparams.flip_tta:
             logits = (logits + self.net(images.flip(3))) / 2
         return logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        """The loss of one batch. Its figures reach the loggers at the steps where Lightning
+        writes (every `trainer.log_every_n_steps`) as `train/loss_step` and `train/acc_step`,
+        and per epoch as `train/loss_epoch` and `train/acc_epoch`.
+
+        `self.log` costs about 1 ms a call (Lightning moves its records to the device each
+        time), more than a small net's whole step on a GPU: the epoch figures accumulate in
+        torchmetrics every step and are logged once, at the epoch's last batch, where the
+        callbacks that report epochs read them."""
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.train_loss.update(loss.detach())
+        self.train_acc.update(logits.detach(), labels)
+        every = self.trainer.log_every_n_steps
+        if every and (self.trainer.global_step + 1) % every == 0:  # Lightning's own rule
+            accuracy = (logits.argmax(dim=1) == labels).float().mean()
+            figures = {"train/loss_step": loss, "train/acc_step": accuracy}
+            self.log_dict(figures, on_step=True, on_epoch=False, prog_bar=True)
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            figures = {
+                "train/loss_epoch": self.train_loss.compute(),
+                "train/acc_epoch": self.train_acc.compute(),
+            }
+            self.log_dict(figures, on_step=False, on_epoch=True)
+            self.train_loss.reset()
+            self.train_acc.reset()
+        return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._evaluation_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # its few batches before training are no result
@@ -82,7 +125,7 @@ class ImageClassifier(L.LightningModule):
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._evaluation_step(batch, "test")
 
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:
         make_optimizer = instantiate(self.hparams.optimizer)  # a `_partial_` config
@@ -104,24 +147,17 @@ class ImageClassifier(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
-        """Loss and accuracy of one batch, logged as `<split>/loss` and `<split>/acc`."""
+    def _evaluation_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
+        """Loss and accuracy of one batch, logged per epoch as `<split>/loss`, `<split>/acc`."""
         images, labels = batch
-        logits = self(images)
-        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
-        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        logits = self(images)  # with test-time augmentation when it is on
+        loss = F.cross_entropy(logits, labels)
         accuracy = getattr(self, f"{split}_acc")
-        accuracy(logits, labels)  # forward(), not update(): training logs per-step values too
-        per_step = split == "train"
+        accuracy.update(logits, labels)
         # DDP: the accuracies are torchmetrics, which sum over processes themselves; the
-        # evaluation losses are averaged over processes too, once per epoch. The training loss
-        # stays each process's own (a sync every step would cost more than it tells).
-        self.log(
-            f"{split}/loss", loss, on_step=per_step, on_epoch=True, prog_bar=split != "test",
-            sync_dist=not per_step,
-        )  # fmt: skip
-        self.log(f"{split}/acc", accuracy, on_step=per_step, on_epoch=True, prog_bar=split == "val")
-        return loss
+        # losses are averaged over processes once per epoch (sync_dist).
+        self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=split == "val", sync_dist=True)
+        self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=split == "val")
 
     def _parameter_groups(self) -> Iterator[nn.Parameter] | list[dict[str, Any]]:
         """All parameters, or with `norm_bias_lr_scale`: [the others, the BatchNorm biases]."""
@@ -142,7 +178,8 @@ class ImageClassifier(L.LightningModule):
 
 class TriangularLR(LambdaLR):
     """airbench's schedule: each group's rate rises linearly from `start_factor` times its own
-    to its own over the first `peak_fraction` of `total_steps`, then falls linearly to 0.
+    to its own over the first `peak_fraction` of `total_steps`, then falls linearly to
+    `end_factor` times its own.
 
     It scales each group's own rate, so `norm_bias_lr_scale`'s ratio between groups stays
     (OneCycleLR would set one rate for all groups).
@@ -154,12 +191,13 @@ class TriangularLR(LambdaLR):
         total_steps: int,
         peak_fraction: float = 0.2,
         start_factor: float = 0.2,
+        end_factor: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
         steps = [0, peak_fraction * total_steps, total_steps]
 
         def factor(step: int) -> float:
-            return float(np.interp(step, steps, [start_factor, 1.0, 0.0]))
+            return float(np.interp(step, steps, [start_factor, 1.0, end_factor]))
 
         super().__init__(optimizer, factor, last_epoch)
 

@@ -59,10 +59,10 @@ class FastCNN(nn.Module):
     """airbench's network: a 2x2 stem conv, three conv stages, global max pool, scaled linear head.
 
     Each stage is conv-pool-BN-GELU-conv-BN-GELU and halves the image (31 -> 15 -> 7 -> 3).
-    airbench initialises its stem from the data (whitening) and freezes it; here the stem is an
-    ordinary learned conv, so the net stays a plain module built from these arguments. It
-    normalises its [0, 1] input itself, so it takes the same images as SeedCNN. With the
-    defaults it has 1,972,792 parameters (1,152 of them the frozen BatchNorm scales).
+    As in airbench, `whiten_stem` can set the stem's filters from training images and freeze
+    them (the callbacks.WhitenStem callback does it before training); else the stem learns.
+    The net normalises its [0, 1] input itself, so it takes the same images as SeedCNN. With
+    the defaults it has 1,972,792 parameters (1,152 of them the frozen BatchNorm scales).
     """
 
     def __init__(
@@ -85,6 +85,29 @@ class FastCNN(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(channels, num_classes, bias=False)
         self.logit_scale = logit_scale
+
+    @torch.no_grad()
+    def whiten_stem(self, images: Tensor, eps: float = 5e-4) -> None:
+        """Sets the stem's filters to whiten the 2x2 patches of `images` (floats in [0, 1]):
+        the eigenvectors of their second-moment matrix, scaled by 1 / sqrt(eigenvalue + eps),
+        each with its negative (so the stem needs 2 * 3 * 2 * 2 = 24 channels); they stay. The
+        bias starts at 0."""
+        weight = self.stem.weight  # (out, in, 2, 2)
+        out_channels, in_channels, height, width = weight.shape
+        if out_channels != 2 * in_channels * height * width:
+            raise ValueError(
+                f"whitening needs stem_channels={2 * in_channels * height * width}, "
+                f"not {out_channels}"
+            )
+        x = ((images.to(weight.device) - self.mean) / self.std).float()
+        patches = x.unfold(2, height, 1).unfold(3, width, 1)  # (N, C, H', W', h, w)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, in_channels * height * width)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors / torch.sqrt(eigenvalues + eps)).T.flip(0)  # largest first
+        filters = filters.reshape(-1, in_channels, height, width)
+        weight.copy_(torch.cat([filters, -filters]))
+        weight.requires_grad_(False)
+        nn.init.zeros_(self.stem.bias)  # the whitened patches, centred as they come
 
     def forward(self, images: Tensor) -> Tensor:
         x = (images - self.mean) / self.std  # (N, 3, 32, 32)

@@ -28,6 +28,26 @@ def test_a_diverging_loss_stops_the_run_naming_step_and_learning_rate(
         train(cfg)
 
 
+def test_the_loss_is_checked_without_a_read_per_step_and_before_any_checkpoint(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    """Read every 1000 steps only, the check still names the first bad step (the same as a
+    read every step names) and stops the run before a checkpoint holds the NaN weights."""
+    messages = []
+    for every in (1, 1000):
+        cfg = compose_config(
+            f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "model.optimizer.lr=1e12",
+            "trainer.accelerator=cpu", "trainer.max_epochs=50",
+            f"trainer.log_every_n_steps={every}",
+        )  # fmt: skip
+        with pytest.raises(TrainingStopped) as stopped:
+            train(cfg)
+        messages.append(str(stopped.value))
+        checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+        assert not checkpoints.exists() or not any(checkpoints.iterdir())
+    assert messages[0] == messages[1]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_last_ckpt_and_exits_non_zero(
     signum: signal.Signals, data_dir: Path, cache_dir: Path, tmp_path: Path

@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import nn
 
+from cifar_cnn.callbacks import Lookahead, WhitenStem
 from cifar_cnn.data import CIFAR10DataModule, DeviceBatches, epoch_order
+from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier, TriangularLR
-from cifar_cnn.nets import FastCNN
+from cifar_cnn.nets import FastCNN, SeedCNN
 from cifar_cnn.training import build, train
 
 
@@ -119,6 +122,71 @@ def test_flip_tta_averages_an_image_with_its_mirror_in_eval_mode() -> None:
     assert not torch.allclose(model(images), model(images.flip(3)))
 
 
+def test_translate_tta_adds_the_image_shifted_a_pixel_either_way() -> None:
+    model = ImageClassifier(FAST_NET, SGD, flip_tta=True, translate_tta=True).eval()
+    images = torch.rand(2, 3, 32, 32)
+
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        return (model.net(x) + model.net(x.flip(3))) / 2
+
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    with torch.inference_mode():
+        shifted = mirrored(padded[:, :, :32, :32]) + mirrored(padded[:, :, 2:, 2:])
+        assert torch.allclose(model(images), mirrored(images) / 2 + shifted / 4, atol=1e-6)
+    model.train()
+    assert torch.equal(model(images), model.net(images))  # training sees the image alone
+
+
+def test_the_whitened_stem_decorrelates_image_patches_and_stays_frozen() -> None:
+    torch.manual_seed(0)
+    # Smooth images: neighbouring pixels and channels are strongly correlated.
+    images = F.interpolate(torch.rand(64, 3, 8, 8), size=32, mode="bilinear")
+    net = FastCNN()
+    net.whiten_stem(images)
+    filters = net.stem.weight[:12]  # the other 12 are their negatives
+    assert torch.equal(net.stem.weight[12:], -filters)
+    features = F.conv2d((images - net.mean) / net.std, filters).transpose(0, 1).flatten(1)
+    second_moment = features @ features.T / features.shape[1]
+    off_diagonal = second_moment - torch.diag(second_moment.diag())
+    assert off_diagonal.abs().max() < 1e-3  # decorrelated
+    assert (second_moment.diag() <= 1 + 1e-4).all() and second_moment.diag()[0] > 0.99
+    assert not net.stem.weight.requires_grad and net.stem.bias.requires_grad
+    assert torch.equal(net.stem.bias, torch.zeros(24))
+    with pytest.raises(ValueError, match="stem_channels=24"):
+        FastCNN(stem_channels=16).whiten_stem(images)
+
+
+def test_whiten_stem_names_a_net_it_cannot_whiten() -> None:
+    trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(UserError, match="callbacks.whiten_stem .* SeedCNN has none"):
+        WhitenStem().setup(trainer, SimpleNamespace(net=SeedCNN()), "fit")
+
+
+def test_lookahead_pulls_weights_to_their_average_and_ends_on_it() -> None:
+    net = nn.Linear(1, 1, bias=False)
+    module, trainer = SimpleNamespace(net=net), SimpleNamespace(estimated_stepping_batches=10)
+    lookahead = Lookahead(every_n_steps=5, final_decay=0.5)
+
+    def step_to(step: int, weight: float) -> float:
+        trainer.global_step = step
+        with torch.no_grad():
+            net.weight.fill_(weight)
+        lookahead.on_train_batch_end(trainer, module, None, None, 0)
+        return net.weight.item()
+
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    lookahead.on_train_start(trainer, module)  # the average starts at the weights: 0
+    assert step_to(3, 1.0) == 1.0  # not a lookahead step
+    # decay 0.5 * (5 / 10) ** 3 = 0.0625: the average moves 93.75% of the way to 1
+    assert step_to(5, 1.0) == pytest.approx(0.9375)
+    saved = lookahead.state_dict()
+    resumed = Lookahead(every_n_steps=5, final_decay=0.5)
+    resumed.load_state_dict(saved)
+    assert resumed._average[0].item() == pytest.approx(0.9375)
+    assert step_to(10, 3.0) == pytest.approx(0.9375)  # the last step: the weights become it
+
+
 def test_norm_biases_get_a_scaled_rate_and_the_same_decay_per_step() -> None:
     model = ImageClassifier(FAST_NET, SGD, norm_bias_lr_scale=64)
     others, biases = model.configure_optimizers().param_groups
@@ -141,16 +209,24 @@ def test_triangular_schedule_rises_then_falls_to_zero() -> None:
                                                    0.25, 0.125])  # fmt: skip
     assert all(b == pytest.approx(10 * a) for a, b in rates)
     assert optimizer.param_groups[0]["lr"] == 0.0
+    schedule = TriangularLR(optimizer, total_steps=10, peak_fraction=0.2, end_factor=0.1)
+    for _ in range(10):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # falls to end_factor
 
 
 def test_label_smoothing_applies_to_the_training_loss_only() -> None:
     model = ImageClassifier(FAST_NET, SGD, label_smoothing=0.2)
-    model.log = lambda *args, **kwargs: None  # no Trainer here to log to
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    model.trainer = SimpleNamespace(log_every_n_steps=0, num_training_batches=10)
     images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    logits = model.eval()(images)
-    assert model._step((images, labels), "val") == F.cross_entropy(logits, labels)
+    logits = model.eval()(images)  # eval mode: the same logits for both steps
+    model.validation_step((images, labels), 0)
+    assert torch.allclose(logged["val/loss"], F.cross_entropy(logits, labels))
     smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2)
-    assert torch.allclose(model._step((images, labels), "train"), smoothed)
+    assert torch.allclose(model.training_step((images, labels), 0), smoothed)
 
 
 def test_fast_experiment_composes_and_builds(compose_config: Callable[..., DictConfig]) -> None:
@@ -159,6 +235,9 @@ def test_fast_experiment_composes_and_builds(compose_config: Callable[..., DictC
     datamodule, model, _ = build(cfg)
     assert datamodule.hparams.on_device and isinstance(model.net, FastCNN)
     assert model.hparams.label_smoothing == 0.2 and model.hparams.flip_tta
+    assert model.hparams.translate_tta and cfg.data.val_fraction == 0.02
+    assert cfg.callbacks.whiten_stem and cfg.callbacks.lookahead
+    assert cfg.callbacks.model_checkpoint.monitor is None  # the last weights are the result
 
 
 def test_the_fast_recipe_lowers_the_loss_of_a_fixed_batch(
