@@ -60,7 +60,8 @@ class FiniteLoss(Callback):
 
     The losses are read from the device every `trainer.log_every_n_steps` steps, before each
     validation and before each checkpoint, not every step: a read per step makes a GPU
-    wait for its queue to drain, step after step. No non-finite weights reach a checkpoint.
+    wait for its queue to drain, step after step. No checkpoint is written after a non-finite
+    loss.
     """
 
     def __init__(self) -> None:
@@ -73,7 +74,8 @@ class FiniteLoss(Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         step = (outputs["loss"].detach(), trainer.global_step, trainer.current_epoch, lr)
         self._pending.append(step)
-        if trainer.global_step % trainer.log_every_n_steps == 0:
+        every = trainer.log_every_n_steps
+        if every and trainer.global_step % every == 0:
             self._check()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -212,8 +214,13 @@ class WhitenStem(Callback):
         train_images = trainer.datamodule.data_train.images[: self.images]
         net.whiten_stem(to_float_images(train_images))
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.net.stem.bias.requires_grad_(trainer.current_epoch < self.bias_epochs)
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # No gradient, no step (nor momentum or decay). Not requires_grad=False: DDP expects
+        # the parameters it was given to keep getting gradients.
+        if trainer.current_epoch >= self.bias_epochs:
+            pl_module.net.stem.bias.grad = None
 
 
 class Lookahead(Callback):
@@ -229,8 +236,10 @@ class Lookahead(Callback):
         self.every_n_steps = every_n_steps
         self.final_decay = final_decay
         self._average: list[torch.Tensor] = []
+        self._total_steps = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._total_steps = trainer.estimated_stepping_batches
         weights = self._weights(pl_module)
         if self._average:  # resumed: the average from the checkpoint
             self._average = [a.to(w.device) for a, w in zip(self._average, weights, strict=True)]
@@ -241,17 +250,16 @@ class Lookahead(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
-        step, total = trainer.global_step, trainer.estimated_stepping_batches
-        if step >= total:
-            decay = 1.0  # the last step: the net becomes the average
-        elif step % self.every_n_steps == 0:
-            decay = self.final_decay * (step / total) ** 3
-        else:
+        step, total = trainer.global_step, self._total_steps
+        last = step >= total
+        if step % self.every_n_steps and not last:
             return
         weights = self._weights(pl_module)
         with torch.no_grad():
-            torch._foreach_lerp_(self._average, weights, 1 - decay)
-            torch._foreach_copy_(weights, self._average)
+            if step % self.every_n_steps == 0:
+                decay = self.final_decay * min(step / total, 1.0) ** 3
+                torch._foreach_lerp_(self._average, weights, 1 - decay)
+            torch._foreach_copy_(weights, self._average)  # the last step: the net becomes it
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self._average}

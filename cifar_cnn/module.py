@@ -63,7 +63,9 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.train_loss = MeanMetric()
+        # nan_strategy="disable": its NaN check reads the GPU every step; FiniteLoss stops a
+        # run whose loss is not finite.
+        self.train_loss = MeanMetric(nan_strategy="disable")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best
 
@@ -104,8 +106,10 @@ class ImageClassifier(L.LightningModule):
         if every and (self.trainer.global_step + 1) % every == 0:  # Lightning's own rule
             accuracy = (logits.argmax(dim=1) == labels).float().mean()
             figures = {"train/loss_step": loss, "train/acc_step": accuracy}
-            self.log_dict(figures, on_step=True, on_epoch=False, prog_bar=True)
-        if batch_idx + 1 == self.trainer.num_training_batches:
+            # Not in the progress bar: Lightning reads its values from the device every batch.
+            self.log_dict(figures, on_step=True, on_epoch=False)
+        last_step = self.trainer.global_step + 1 == self.trainer.max_steps  # max_steps=-1: never
+        if batch_idx + 1 == self.trainer.num_training_batches or last_step:
             figures = {
                 "train/loss_epoch": self.train_loss.compute(),
                 "train/acc_epoch": self.train_acc.compute(),

@@ -62,7 +62,8 @@ class FastCNN(nn.Module):
     As in airbench, `whiten_stem` can set the stem's filters from training images and freeze
     them (the callbacks.WhitenStem callback does it before training); else the stem learns.
     The net normalises its [0, 1] input itself, so it takes the same images as SeedCNN. With
-    the defaults it has 1,972,792 parameters (1,152 of them the frozen BatchNorm scales).
+    the defaults it has 1,972,792 parameters (1,152 of them the frozen BatchNorm scales, and
+    the stem's 288 weights once whitened).
     """
 
     def __init__(

@@ -61,3 +61,24 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     assert together["test/loss"] == pytest.approx(one["test/loss"], abs=1e-3)
     assert together["val/acc_best"] == pytest.approx(one["val/acc_best"], abs=1 / 20)
     assert together["test/acc"] == pytest.approx(one["test/acc"], abs=1 / 40)
+
+
+@pytest.mark.slow
+def test_the_fast_recipe_trains_in_two_processes_past_the_stem_bias_epochs(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """WhitenStem stops the stem bias after its epochs without taking it from DDP's parameters
+    (DDP fails a step whose parameters stop getting gradients), and Lookahead runs alike."""
+    command = [
+        sys.executable, str(ROOT / "train.py"), "experiment=fast", "trainer=ddp_cpu",
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "data.eval_batch_size=16",
+        "model.net.widths=[8,16,16]", "trainer.max_epochs=2", "callbacks.whiten_stem.bias_epochs=1",
+        "logger.tensorboard=null", f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2

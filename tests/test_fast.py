@@ -184,7 +184,22 @@ def test_lookahead_pulls_weights_to_their_average_and_ends_on_it() -> None:
     resumed = Lookahead(every_n_steps=5, final_decay=0.5)
     resumed.load_state_dict(saved)
     assert resumed._average[0].item() == pytest.approx(0.9375)
-    assert step_to(10, 3.0) == pytest.approx(0.9375)  # the last step: the weights become it
+    # The last step: the usual move (decay 0.5), then the weights become the average.
+    assert step_to(10, 3.0) == pytest.approx(0.9375 / 2 + 3.0 / 2)
+    trainer.estimated_stepping_batches = 7
+    lookahead.on_train_start(trainer, module)
+    assert step_to(7, 5.0) == pytest.approx(0.9375 / 2 + 3.0 / 2)  # no move, it becomes it
+
+
+def test_the_stem_bias_stops_learning_after_its_epochs() -> None:
+    module = SimpleNamespace(net=FastCNN(widths=(8, 16, 16)))
+    bias = module.net.stem.bias
+    whiten = WhitenStem(bias_epochs=3)
+    for epoch, kept in ((2, True), (3, False)):
+        bias.grad = torch.ones_like(bias)
+        whiten.on_before_optimizer_step(SimpleNamespace(current_epoch=epoch), module, None)
+        assert (bias.grad is not None) == kept
+    assert bias.requires_grad  # DDP needs its parameters' gradients to keep coming
 
 
 def test_norm_biases_get_a_scaled_rate_and_the_same_decay_per_step() -> None:
@@ -220,7 +235,9 @@ def test_label_smoothing_applies_to_the_training_loss_only() -> None:
     model = ImageClassifier(FAST_NET, SGD, label_smoothing=0.2)
     logged = {}
     model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
-    model.trainer = SimpleNamespace(log_every_n_steps=0, num_training_batches=10)
+    model.trainer = SimpleNamespace(
+        log_every_n_steps=0, num_training_batches=10, global_step=0, max_steps=-1
+    )
     images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     logits = model.eval()(images)  # eval mode: the same logits for both steps
     model.validation_step((images, labels), 0)
