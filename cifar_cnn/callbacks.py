@@ -236,15 +236,19 @@ class Lookahead(Callback):
         self.every_n_steps = every_n_steps
         self.final_decay = final_decay
         self._average: list[torch.Tensor] = []
+        self._weights: list[torch.Tensor] = []
         self._total_steps = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._total_steps = trainer.estimated_stepping_batches
-        weights = self._weights(pl_module)
+        # The net's floating-point state, as airbench: parameters and BatchNorm statistics
+        # (views of the net's own tensors: writing them writes the net).
+        self._weights = [t for t in pl_module.net.state_dict().values() if t.is_floating_point()]
         if self._average:  # resumed: the average from the checkpoint
-            self._average = [a.to(w.device) for a, w in zip(self._average, weights, strict=True)]
+            pairs = zip(self._average, self._weights, strict=True)
+            self._average = [average.to(weight.device) for average, weight in pairs]
         else:
-            self._average = [w.detach().clone() for w in weights]
+            self._average = [weight.clone() for weight in self._weights]
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -254,23 +258,17 @@ class Lookahead(Callback):
         last = step >= total
         if step % self.every_n_steps and not last:
             return
-        weights = self._weights(pl_module)
         with torch.no_grad():
             if step % self.every_n_steps == 0:
                 decay = self.final_decay * min(step / total, 1.0) ** 3
-                torch._foreach_lerp_(self._average, weights, 1 - decay)
-            torch._foreach_copy_(weights, self._average)  # the last step: the net becomes it
+                torch._foreach_lerp_(self._average, self._weights, 1 - decay)
+            torch._foreach_copy_(self._weights, self._average)  # the last step: the net becomes it
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self._average}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._average = list(state_dict["average"])
-
-    @staticmethod
-    def _weights(pl_module: L.LightningModule) -> list[torch.Tensor]:
-        """The net's floating-point state: parameters and BatchNorm statistics, as airbench."""
-        return [t for t in pl_module.net.state_dict().values() if t.is_floating_point()]
 
 
 def _continue_command(checkpoint: Path) -> str:

@@ -100,7 +100,7 @@ class FastCNN(nn.Module):
                 f"whitening needs stem_channels={2 * in_channels * height * width}, "
                 f"not {out_channels}"
             )
-        x = ((images.to(weight.device) - self.mean) / self.std).float()
+        x = self._normalize(images.to(weight.device).float())
         patches = x.unfold(2, height, 1).unfold(3, width, 1)  # (N, C, H', W', h, w)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, in_channels * height * width)
         eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
@@ -110,8 +110,13 @@ class FastCNN(nn.Module):
         weight.requires_grad_(False)
         nn.init.zeros_(self.stem.bias)  # the whitened patches, centred as they come
 
+    def _normalize(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] to CIFAR-10's zero mean and unit variance per channel: what the stem
+        sees, in training and when it is whitened."""
+        return (images - self.mean) / self.std
+
     def forward(self, images: Tensor) -> Tensor:
-        x = (images - self.mean) / self.std  # (N, 3, 32, 32)
+        x = self._normalize(images)  # (N, 3, 32, 32)
         x = F.gelu(self.stem(x))  # (N, 24, 31, 31)
         x = self.stages(x)  # (N, 256, 3, 3)
         x = x.amax(dim=(2, 3))  # (N, 256): global max pool
