@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/README.md in one run on a lent H100/H200 (the `device` tool's
-# `run`, carry: ["gpu_payload"]); about 3 minutes on an H200. Prepare the payload here first:
+# `run`, carry: ["gpu_payload"]); 2.5 minutes on an H200 before the compiled runs were added
+# (untimed since: give it a 600 s limit). Prepare the payload here first:
 #   bash benchmarks/gpu_check.sh --prepare
 # Its image holds torch, Lightning, torchmetrics and TensorBoard but no Hydra: the wheels
 # travel in gpu_payload/, with the JPEG data set as one gzipped tar (../shared does not travel;
@@ -56,11 +57,18 @@ PY
 python3 train.py -m $FAST seed=0,1,2 hydra.sweep.dir=/tmp/sweeps/fast > /tmp/fast.log 2>&1 || true
 grep -h -E "epoch [0-9]{3} |Test accuracy" /tmp/sweeps/fast/*/train.log | cut -c26- || true
 summarize /tmp/sweeps/fast "$OUT/fast_seeds.json" || true
+# The same compiled (its first epoch, validation in, waits for the compiler).
+python3 train.py -m $FAST model.compile=true seed=0,1,2 hydra.sweep.dir=/tmp/sweeps/compiled \
+    > /tmp/compiled.log 2>&1 || true
+grep -h -E "epoch [0-9]{3} |Test accuracy" /tmp/sweeps/compiled/*/train.log | cut -c26- || true
+summarize /tmp/sweeps/compiled "$OUT/fast_compiled_seeds.json" || true
 # The seed config against the plain loop, data kept on the GPU; then the fast recipe's loop.
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --output "$OUT/seed_on_device.json" \
     data=cifar10_gpu 2>&1 | tail -6
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --precision bf16-mixed \
     --output "$OUT/fast_bench.json" experiment=fast 2>&1 | tail -6
+python3 benchmarks/train_speed.py --device cuda --epochs 3 --precision bf16-mixed --compile \
+    --output "$OUT/fast_bench_compiled.json" experiment=fast 2>&1 | tail -6
 # The seed config through the DataLoader (pageable host batches copied every step).
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --output "$OUT/seed_loader.json" \
     2>&1 | tail -6

@@ -79,7 +79,10 @@ def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
     """The classifier saved in `path` (on the CPU, in eval mode) and its data settings."""
     checkpoint = read_checkpoint(path)
     try:
-        model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        # Not compiled, whatever the training did: evaluation should not wait for a compiler.
+        model = ImageClassifier.load_from_checkpoint(
+            path, map_location="cpu", weights_only=True, compile=False
+        )
     except (
         RuntimeError,
         KeyError,

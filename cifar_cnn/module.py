@@ -34,7 +34,9 @@ class ImageClassifier(L.LightningModule):
     and GPUs); `norm_bias_lr_scale`, a learning rate that many times larger for BatchNorm
     biases, with weight decay as many times smaller so that the decay per step stays the same;
     `translate_tta`, in eval mode, logits also averaged over the image shifted by one pixel up
-    and left and by one down and right (airbench's second level of test-time augmentation).
+    and left and by one down and right (airbench's second level of test-time augmentation);
+    `compile`, the net compiled by `torch.compile` in place (its first batches wait for the
+    compiler; the parameters keep their names, so checkpoints load either way).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool = False,
         norm_bias_lr_scale: float = 1.0,
         translate_tta: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -58,6 +61,8 @@ class ImageClassifier(L.LightningModule):
         self.net = instantiate(net, _recursive_=False, _convert_="all")
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+        if compile:
+            self.net.compile()
         # validate_args=False: the argument checks (torch.unique of the labels) make a GPU wait
         # for its queue to drain at every batch. The data module's labels are class indices.
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from cifar_cnn.callbacks import Lookahead, WhitenStem
+from cifar_cnn.checkpoints import load_checkpoint
 from cifar_cnn.data import CIFAR10DataModule, DeviceBatches, epoch_order
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier, TriangularLR
@@ -298,3 +299,23 @@ def test_the_fast_experiment_trains_tests_and_resumes_exactly_on_the_cpu(
     assert expected.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.slow  # compiling takes about a minute
+def test_the_fast_experiment_trains_compiled_in_bf16_and_its_checkpoint_loads_eager(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    """With a global `amax` in FastCNN, inductor's backward under bf16 autocast gave NaN
+    gradients and the loss was NaN at step 2 (pytorch issue 186799)."""
+    cfg = compose_config(
+        "experiment=fast", f"data.data_dir={tiny_data_dir}", "data.batch_size=16",
+        "data.eval_batch_size=16", "model.net.widths=[8,16,16]", "trainer.accelerator=cpu",
+        "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "logger.tensorboard=null",
+        "model.compile=true", "++trainer.precision=bf16-mixed",
+    )  # fmt: skip
+    metrics = train(cfg)  # FiniteLoss stops the run if a loss turns NaN
+    assert metrics["status"] == "completed" and 0 <= metrics["test/acc"] <= 1
+
+    model, _ = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert model.hparams.compile is False and model.net._compiled_call_impl is None
+    assert not any("_orig_mod" in key for key in model.state_dict())

@@ -52,7 +52,7 @@ def test_checkpoint_reloads_without_hydra_and_predicts_the_same(
     expected = {
         "net": NET, "optimizer": ADAM, "scheduler": None, "num_classes": 10,
         "label_smoothing": 0.0, "flip_tta": False, "channels_last": False,
-        "norm_bias_lr_scale": 1.0, "translate_tta": False,
+        "norm_bias_lr_scale": 1.0, "translate_tta": False, "compile": False,
     }  # fmt: skip
     assert checkpoint["hyper_parameters"] == expected
 
