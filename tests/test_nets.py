@@ -43,4 +43,4 @@ def test_seed_cnn_pooling_before_relu_is_the_tutorial_order_to_the_bit() -> None
         logits = forward(images)
         F.cross_entropy(logits, labels).backward()
         gradients.append([logits.detach()] + [p.grad.clone() for p in net.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*gradients))
+    assert all(torch.equal(a, b) for a, b in zip(*gradients, strict=True))
