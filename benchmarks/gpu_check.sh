@@ -32,36 +32,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 
 FAST="experiment=fast trainer=gpu ++trainer.precision=bf16-mixed"
-summarize() {  # a sweep folder's jobs: overrides, test accuracy, training time (epoch lines)
-    python3 - "$1" "$2" <<'PY'
-import json, re, statistics, sys
-import yaml
-from pathlib import Path
-jobs = []
-for job in sorted((p for p in Path(sys.argv[1]).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
-    metrics = json.loads((job / "metrics.json").read_text())
-    epochs = [float(s) for s in re.findall(r"epoch \d{3} .*\((\d+\.\d+) s\)", (job / "train.log").read_text())]
-    jobs.append({"overrides": yaml.safe_load((job / ".hydra/overrides.yaml").read_text()),
-                 "test/acc": metrics.get("test/acc"), "epochs_s": epochs,
-                 "training_s": round(sum(epochs), 2), "wall_time_s": metrics.get("wall_time_s")})
-acc = [j["test/acc"] for j in jobs if j["test/acc"] is not None]
-summary = {"jobs": jobs, "test_acc_mean": statistics.mean(acc) if acc else None,
-           "test_acc_stdev": statistics.stdev(acc) if len(acc) > 1 else None,
-           "training_s_mean": statistics.mean(j["training_s"] for j in jobs)}
-Path(sys.argv[2]).write_text(json.dumps(summary, indent=1) + "\n")
-print(json.dumps(summary))
-PY
+fast_seeds() {  # a name, then overrides: three seeds in one process (one start-up)
+    local name="$1"; shift
+    python3 train.py -m $FAST "$@" seed=0,1,2 hydra.sweep.dir="/tmp/sweeps/$name" \
+        > "/tmp/$name.log" 2>&1 || tail -20 "/tmp/$name.log"
+    grep -h -E "epoch [0-9]{3} |Test accuracy" /tmp/sweeps/"$name"/*/train.log | cut -c26- || true
+    # The sweep's summary: each job's test/acc, fit_time_s, wall_time_s; mean ± std over seeds.
+    cat "/tmp/sweeps/$name/summary.md" && cp "/tmp/sweeps/$name/summary.csv" "$OUT/$name.csv" || true
 }
 
-# The fast recipe, three seeds in one process (one start-up).
-python3 train.py -m $FAST seed=0,1,2 hydra.sweep.dir=/tmp/sweeps/fast > /tmp/fast.log 2>&1 || true
-grep -h -E "epoch [0-9]{3} |Test accuracy" /tmp/sweeps/fast/*/train.log | cut -c26- || true
-summarize /tmp/sweeps/fast "$OUT/fast_seeds.json" || true
-# The same compiled (its first epoch, validation in, waits for the compiler).
-python3 train.py -m $FAST model.compile=true seed=0,1,2 hydra.sweep.dir=/tmp/sweeps/compiled \
-    > /tmp/compiled.log 2>&1 || true
-grep -h -E "epoch [0-9]{3} |Test accuracy" /tmp/sweeps/compiled/*/train.log | cut -c26- || true
-summarize /tmp/sweeps/compiled "$OUT/fast_compiled_seeds.json" || true
+fast_seeds fast
+fast_seeds fast_compiled model.compile=true  # its first epoch waits for the compiler
 # The seed config against the plain loop, data kept on the GPU; then the fast recipe's loop.
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --output "$OUT/seed_on_device.json" \
     data=cifar10_gpu 2>&1 | tail -6

@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 METRIC = "val/acc_best"
-COLUMNS = ("job", "overrides", "val/acc_best", "test/acc", "epochs", "wall_time_s", "status",
-           "best_checkpoint")  # fmt: skip
+COLUMNS = ("job", "overrides", "val/acc_best", "test/acc", "epochs", "fit_time_s", "wall_time_s",
+           "status", "best_checkpoint")  # fmt: skip
 
 
 class SweepSummary(Callback):
@@ -100,14 +100,13 @@ def _markdown(rows: list[dict[str, Any]], shared: list[str], sweep_dir: Path) ->
     ]
     groups = _seed_groups(rows)
     if groups:
-        lines += ["", f"## Over seeds (mean ± std of {METRIC} and test/acc)", ""]
-        lines += ["| overrides | jobs | val/acc_best | test/acc |", "| --- | --- | --- | --- |"]
+        columns = (METRIC, "test/acc", "fit_time_s")
+        lines += ["", "## Over seeds (mean ± std)", ""]
+        lines += ["| overrides | jobs | " + " | ".join(columns) + " |", "|" + " --- |" * 5]
         for key, members in groups.items():
-            figures = [
-                _mean_std([row[metric] for row in members]) for metric in (METRIC, "test/acc")
-            ]
+            figures = [_mean_std(column, [row[column] for row in members]) for column in columns]
             lines.append(
-                f"| {key or '(defaults)'} | {len(members)} | {figures[0]} | {figures[1]} |"
+                f"| {key or '(defaults)'} | {len(members)} | " + " | ".join(figures) + " |"
             )
     return "\n".join(lines) + "\n"
 
@@ -159,8 +158,12 @@ def _number(value: Any) -> float:
     return value if isinstance(value, int | float) and not math.isnan(value) else -math.inf
 
 
-def _mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+def _mean_std(column: str, values: list[Any]) -> str:
+    """Mean ± std, as `_cell` writes the column; empty where a job lacks it (older runs)."""
+    if not all(isinstance(value, int | float) for value in values):
+        return ""
+    decimals = 1 if column.endswith("_time_s") else 4
+    return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
 
 
 def _cell(column: str, value: Any, sweep_dir: Path) -> str:
@@ -168,7 +171,7 @@ def _cell(column: str, value: Any, sweep_dir: Path) -> str:
     if column == "best_checkpoint" and value and Path(value).is_relative_to(sweep_dir):
         return str(Path(value).relative_to(sweep_dir))
     if isinstance(value, float):
-        return f"{value:.1f}" if column == "wall_time_s" else f"{value:.4f}"
+        return f"{value:.1f}" if column.endswith("_time_s") else f"{value:.4f}"
     return str(value)
 
 

@@ -64,7 +64,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Log lines print above progress bars instead of through them. Checkpoints are loaded
     # weights-only: no code in them runs (ours hold plain values only).
     with logging_redirect_tqdm(), _sigterm_stops():
+        fit_started = time.perf_counter()
         trainer.fit(model, datamodule, ckpt_path=resume_from, weights_only=True)
+        fit_time_s = round(time.perf_counter() - fit_started, 1)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         val_acc_best = float(trainer.callback_metrics["val/acc_best"])
         # The best checkpoint when there is one; fast_dev_run saves none: test the last weights.
@@ -77,6 +79,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "val/acc_best": val_acc_best,
         **{key: float(value) for key, value in test_metrics.items()},
         "epochs": trainer.current_epoch,
+        # trainer.fit: set-up on the device (whitening, compiling), training and validation.
+        "fit_time_s": fit_time_s,
         "best_checkpoint": best,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }

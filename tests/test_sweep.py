@@ -78,6 +78,8 @@ def test_summary_sorts_best_first_and_groups_seeds(tmp_path: Path) -> None:
         [(1e-3, 1, 0.60), (1e-3, 2, 0.64), (3e-4, 1, 0.70), (3e-4, 2, 0.66)]
     ):
         metrics = {"status": "completed", "val/acc_best": acc, "test/acc": acc - 0.01}
+        if lr == 3e-4:  # the lr=1e-3 jobs stand for runs from before fit_time_s was recorded
+            metrics["fit_time_s"] = 10.0 + 2 * seed
         fake_job(
             tmp_path,
             str(i),
@@ -91,8 +93,13 @@ def test_summary_sorts_best_first_and_groups_seeds(tmp_path: Path) -> None:
     assert rows[-1]["status"] == "unfinished"
     summary = (tmp_path / "summary.md").read_text()
     assert "Every job: `data.batch_size=64`" in summary
-    assert "| model.optimizer.lr=0.0003 | 2 | 0.6800 ± 0.0283 | 0.6700 ± 0.0283 |" in summary
-    assert "| model.optimizer.lr=0.001 | 2 | 0.6200 ± 0.0283 |" in summary
+    header = "| overrides | jobs | val/acc_best | test/acc | fit_time_s |\n" + "|" + " --- |" * 5
+    assert header in summary
+    assert (
+        "| model.optimizer.lr=0.0003 | 2 | 0.6800 ± 0.0283 | 0.6700 ± 0.0283 | 13.0 ± 1.4 |"
+        in summary
+    )
+    assert "| model.optimizer.lr=0.001 | 2 | 0.6200 ± 0.0283 | 0.6100 ± 0.0283 |  |" in summary
 
 
 def test_summary_of_a_folder_without_jobs_is_an_error(tmp_path: Path) -> None:

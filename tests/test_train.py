@@ -51,6 +51,7 @@ def test_smoke_run_writes_checkpoints_events_and_metrics(
     assert info["git"]["commit"] == head.stdout.strip() and isinstance(info["git"]["dirty"], bool)
     assert info["seed"] == 42 and info["packages"]["torch"] == torch.__version__.split("+")[0]
     assert set(FIGURES) <= metrics.keys() and metrics["epochs"] == 2
+    assert 0 < metrics["fit_time_s"] <= metrics["wall_time_s"]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and Path(metrics["best_checkpoint"]).name in checkpoints
 
