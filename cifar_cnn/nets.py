@@ -12,7 +12,8 @@ class SeedCNN(nn.Module):
 
     With the defaults it has exactly the seed's 315,722 parameters. Each stage pools before
     its ReLU: ReLU and max commute, so outputs and gradients are the tutorial's to the bit,
-    and the ReLU runs on a quarter of the values (12% less time a training step on 2 CPU cores).
+    and the ReLU runs on a quarter of the values (epochs 9-13% shorter on the project's 2-core
+    CPU; benchmarks/README.md).
     """
 
     def __init__(
