@@ -102,7 +102,8 @@ def _markdown(rows: list[dict[str, Any]], shared: list[str], sweep_dir: Path) ->
     if groups:
         columns = (METRIC, "test/acc", "fit_time_s")
         lines += ["", "## Over seeds (mean ± std)", ""]
-        lines += ["| overrides | jobs | " + " | ".join(columns) + " |", "|" + " --- |" * 5]
+        lines += ["| overrides | jobs | " + " | ".join(columns) + " |"]
+        lines += ["|" + " --- |" * (2 + len(columns))]
         for key, members in groups.items():
             figures = [_mean_std(column, [row[column] for row in members]) for column in columns]
             lines.append(
@@ -162,8 +163,13 @@ def _mean_std(column: str, values: list[Any]) -> str:
     """Mean ± std, as `_cell` writes the column; empty where a job lacks it (older runs)."""
     if not all(isinstance(value, int | float) for value in values):
         return ""
-    decimals = 1 if column.endswith("_time_s") else 4
+    decimals = _decimals(column)
     return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
+
+
+def _decimals(column: str) -> int:
+    """Seconds to 1 decimal, metrics to 4."""
+    return 1 if column.endswith("_time_s") else 4
 
 
 def _cell(column: str, value: Any, sweep_dir: Path) -> str:
@@ -171,7 +177,7 @@ def _cell(column: str, value: Any, sweep_dir: Path) -> str:
     if column == "best_checkpoint" and value and Path(value).is_relative_to(sweep_dir):
         return str(Path(value).relative_to(sweep_dir))
     if isinstance(value, float):
-        return f"{value:.1f}" if column.endswith("_time_s") else f"{value:.4f}"
+        return f"{value:.{_decimals(column)}f}"
     return str(value)
 
 
