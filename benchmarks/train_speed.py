@@ -20,6 +20,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +59,17 @@ def main() -> None:
     # Reference, project, reference again: a shared machine drifts over minutes, and the
     # reference's mean over both sides of the project is the fair comparison.
     results: dict[str, Any] = {}
-    before = reference_loop(cfg, args, device, train_images, train_labels, steps)
+    before = reference_loop(cfg, args, device, train_images, train_labels, steps, args.profile)
     results["project"] = project_fit(cfg, args, datamodule, steps)
     after = reference_loop(cfg, args, device, train_images, train_labels, steps)
     results["reference"] = {
         **epoch_figures(before["epoch_times_s"] + after["epoch_times_s"], steps * batch_size,
-                        warm_up=[0, args.epochs]),
+                        warm_up=[0, args.epochs], runs=2),
         "peak_memory_mb": max(before["peak_memory_mb"], after["peak_memory_mb"]),
         "eval_images_per_s": reference_eval(
             cfg, args, device, after["net"], test_images, test_labels
         ),
+        **({"profile": before["profile"]} if args.profile else {}),
     }  # fmt: skip
     results = {"reference": results["reference"], "project": results["project"]}
     if args.keras:
@@ -122,6 +124,13 @@ def parse_args() -> argparse.Namespace:
         help="glibc keeps freed blocks (cifar_cnn/memory.py), as train.py sets it",
     )
     parser.add_argument("--keras", action="store_true", help="add the Keras seed (tensorflow)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the last epoch of the project and of the first reference run under "
+        "torch.profiler (their times then include its cost) and print where each step's host "
+        "time goes, with operations, kernel launches and host-device syncs per step",
+    )
     parser.add_argument("--output", help="also write the JSON summary to this file")
     parser.add_argument("overrides", nargs="*", help="train.py config overrides")
     return parser.parse_args()
@@ -167,6 +176,7 @@ def reference_loop(
     images: Tensor,
     labels: Tensor,
     steps: int,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """The fastest plain loop: batches sliced from in-memory tensors by a shuffled permutation,
     augmented as the config says. Only the net, optimizer and data are the config's: no
@@ -181,7 +191,10 @@ def reference_loop(
     batch_size = cfg.data.batch_size
     reset_peak_memory(device)
     epoch_times = []
-    for _ in range(args.epochs):
+    profiler = step_profiler(device) if profile else None
+    for epoch in range(args.epochs):
+        if profiler is not None and epoch == args.epochs - 1:
+            profiler.start()
         synchronize(device)
         started = time.perf_counter()
         order = torch.randperm(len(labels), device=device)
@@ -196,9 +209,12 @@ def reference_loop(
             optimizer.step()
         synchronize(device)
         epoch_times.append(time.perf_counter() - started)
+    if profiler is not None:
+        profiler.stop()
     return {
         "net": net,
         **epoch_figures(epoch_times, steps * batch_size),
+        **({"profile": profile_summary(profiler, steps, "reference")} if profiler else {}),
         "epoch_times_s": epoch_times,
         "peak_memory_mb": peak_memory_mb(device),
     }
@@ -227,15 +243,21 @@ def reference_eval(
 
 
 class EpochTimer(L.Callback):
-    """Training time of each epoch: from its start to its last batch, validation excluded."""
+    """Training time of each epoch: from its start to its last batch, validation excluded;
+    the last epoch's training under `profiler` when one is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, profiler: torch.profiler.profile | None = None) -> None:
         self.epoch_times: list[float] = []
         self.validation_s = 0.0
+        self.profiler = profiler
+        self._profiling = False
         self._started: float | None = None
         self._validation_started = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.profiler is not None and trainer.current_epoch == trainer.max_epochs - 1:
+            self.profiler.start()
+            self._profiling = True
         synchronize(pl_module.device)
         self._started = time.perf_counter()
 
@@ -251,6 +273,9 @@ class EpochTimer(L.Callback):
             synchronize(pl_module.device)
             self.epoch_times.append(time.perf_counter() - self._started)
             self._started = None
+            if self._profiling:
+                self.profiler.stop()
+                self._profiling = False
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
@@ -263,12 +288,14 @@ def project_fit(
     """The project's own path: datamodule, module and Trainer from the config, as train.py."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _, model, trainer = build(cfg)
-    timer = EpochTimer()
-    trainer.callbacks.append(timer)
     device = torch.device(args.device)
+    timer = EpochTimer(step_profiler(device) if args.profile else None)
+    trainer.callbacks.append(timer)
     reset_peak_memory(device)
     trainer.fit(model, datamodule)
     figures = epoch_figures(timer.epoch_times, steps * cfg.data.batch_size)
+    if timer.profiler is not None:
+        figures["profile"] = profile_summary(timer.profiler, steps, "project")
     started = time.perf_counter()
     trainer.test(model, datamodule, verbose=False)
     synchronize(device)
@@ -323,17 +350,54 @@ def keras_fit(
     return {**epoch_figures(epoch_times, count), "tensorflow": tf.__version__}
 
 
+def step_profiler(device: torch.device) -> torch.profiler.profile:
+    """A torch.profiler recording host operations, and on a GPU its runtime calls and kernels."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+# How the names of CUDA calls that launch a kernel, and of those that make the host wait for
+# the device, begin (the profiler may append an API version).
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel")
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profile_summary(profiler: torch.profiler.profile, steps: int, path: str) -> dict[str, float]:
+    """Prints the operations with the most host time over one profiled epoch of `steps` steps;
+    returns per-step counts: aten operations (nested ones included), kernel launches, waits
+    for the device, and copies between host and device."""
+    events = profiler.key_averages()
+    print(f"\n{path}: one epoch of {steps} steps under torch.profiler")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+
+    def per_step(counted: Callable[[str], bool]) -> float:
+        return sum(event.count for event in events if counted(event.key)) / steps
+
+    return {
+        "aten_ops_per_step": per_step(lambda name: name.startswith("aten::")),
+        "kernel_launches_per_step": per_step(lambda name: name.startswith(KERNEL_LAUNCHES)),
+        "host_waits_per_step": per_step(lambda name: name.startswith(HOST_WAITS)),
+        "memcpy_per_step": per_step(lambda name: name.startswith("cudaMemcpy")),
+    }
+
+
 def epoch_figures(
-    epoch_times: list[float], images_per_epoch: int, warm_up: list[int] | None = None
+    epoch_times: list[float],
+    images_per_epoch: int,
+    warm_up: list[int] | None = None,
+    runs: int = 1,
 ) -> dict[str, Any]:
-    """Seconds per epoch (the mean without the warm-up epochs: by default the first) and
-    images per second."""
+    """Seconds per epoch (the mean without the warm-up epochs: by default the first), images
+    per second, and the training time of a whole run, warm-up included (over `runs` runs)."""
     warm_up = [0] if warm_up is None else warm_up
     timed = [t for i, t in enumerate(epoch_times) if i not in warm_up] or epoch_times
     epoch_s = sum(timed) / len(timed)
     return {
         "epoch_s": epoch_s,
         "images_per_s": images_per_epoch / epoch_s,
+        "train_s": sum(epoch_times) / runs,
         "epoch_times_s": [round(t, 3) for t in epoch_times],
     }
 
@@ -371,11 +435,13 @@ def print_table(summary: dict[str, Any]) -> None:
           f"batch {summary['batch_size']}, {summary['steps_per_epoch']} steps/epoch, "
           f"precision {summary['precision']}, channels_last {summary['channels_last']}, "
           f"compile {summary['compile']}")  # fmt: skip
-    print(f"{'path':<10} {'epoch s':>9} {'train img/s':>12} {'eval img/s':>11} {'peak MB':>9}")
+    print(f"{'path':<10} {'epoch s':>9} {'all epochs s':>13} {'train img/s':>12} "
+          f"{'eval img/s':>11} {'peak MB':>9}")  # fmt: skip
     for name, figures in summary["details"].items():
         if figures:
             print(
-                f"{name:<10} {figures['epoch_s']:>9.2f} {figures['images_per_s']:>12.0f} "
+                f"{name:<10} {figures['epoch_s']:>9.2f} {figures['train_s']:>13.1f} "
+                f"{figures['images_per_s']:>12.0f} "
                 f"{figures.get('eval_images_per_s', float('nan')):>11.0f} "
                 f"{figures.get('peak_memory_mb', float('nan')):>9.0f}"
             )

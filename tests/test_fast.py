@@ -311,7 +311,7 @@ def test_the_fast_experiment_trains_compiled_in_bf16_and_its_checkpoint_loads_ea
         "experiment=fast", f"data.data_dir={tiny_data_dir}", "data.batch_size=16",
         "data.eval_batch_size=16", "model.net.widths=[8,16,16]", "trainer.accelerator=cpu",
         "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "logger.tensorboard=null",
-        "model.compile=true", "++trainer.precision=bf16-mixed",
+        "model.compile=true", "trainer.precision=bf16-mixed",
     )  # fmt: skip
     metrics = train(cfg)  # FiniteLoss stops the run if a loss turns NaN
     assert metrics["status"] == "completed" and 0 <= metrics["test/acc"] <= 1
