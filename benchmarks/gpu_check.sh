@@ -50,10 +50,13 @@ python3 benchmarks/train_speed.py --device cuda --epochs 3 --output "$OUT/seed_o
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --precision bf16-mixed \
     --output "$OUT/fast_bench.json" experiment=fast 2>&1 | tail -6
 # Where each path's host time goes on the GPU: operations, kernel launches and syncs per step.
+PROFILE_TABLES='under torch.profiler|^path '  # each path's table, then the summary
 python3 benchmarks/train_speed.py --device cuda --epochs 2 --steps 100 --profile \
-    --output "$OUT/seed_profile.json" data=cifar10_gpu 2>&1 | grep -v "^{" | tail -45
+    --output "$OUT/seed_profile.json" data=cifar10_gpu 2>&1 | grep -v "^{" |
+    grep -E -A 21 "$PROFILE_TABLES"
 python3 benchmarks/train_speed.py --device cuda --epochs 2 --profile --precision bf16-mixed \
-    --output "$OUT/fast_profile.json" experiment=fast 2>&1 | grep -v "^{" | tail -45
+    --output "$OUT/fast_profile.json" experiment=fast 2>&1 | grep -v "^{" |
+    grep -E -A 21 "$PROFILE_TABLES"
 fast_seeds fast_compiled model.compile=true  # its first epoch waits for the compiler
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --precision bf16-mixed --compile \
     --output "$OUT/fast_bench_compiled.json" experiment=fast 2>&1 | tail -6

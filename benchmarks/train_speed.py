@@ -367,7 +367,8 @@ HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 def profile_summary(profiler: torch.profiler.profile, steps: int, path: str) -> dict[str, float]:
     """Prints the operations with the most host time over one profiled epoch of `steps` steps;
     returns per-step counts: aten operations (nested ones included), kernel launches, waits
-    for the device, and copies between host and device."""
+    for the device (the two that time the epoch included, on both paths), and copies between
+    host and device."""
     events = profiler.key_averages()
     print(f"\n{path}: one epoch of {steps} steps under torch.profiler")
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
