@@ -15,7 +15,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     mkdir -p "$PAYLOAD/wheels"
     # Pure-Python wheels (antlr4's is built here from its source release): any Python 3 takes them.
     python3 -m pip wheel -q --no-deps -w "$PAYLOAD/wheels" \
-        hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+        hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 airbench==0.1.8
     tar -C ../shared -czf "$PAYLOAD/cifar10-jpg.tar.gz" cifar10-jpg
     du -sh "$PAYLOAD"
     exit 0
@@ -44,6 +44,8 @@ fast_seeds() {  # a name, then overrides: three seeds in one process (one start-
 # In order of what matters most, so that a run cut short by its time limit still brings the
 # first figures back (the log is copied as it is written).
 fast_seeds fast
+# airbench's own code on the same data, three seeds: the yardstick for the line above.
+python3 benchmarks/airbench_reference.py --runs 3 --output "$OUT/airbench.json" 2>&1 | tail -5
 # The seed config against the plain loop, data kept on the GPU; then the fast recipe's loop.
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --output "$OUT/seed_on_device.json" \
     data=cifar10_gpu 2>&1 | tail -6

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import make_image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,3 +65,29 @@ def test_train_speed_profile_counts_each_paths_operations_per_step(
         details[path]["profile"]["aten_ops_per_step"] for path in ("project", "reference")
     )
     assert project_ops > reference_ops
+
+
+def test_airbench_reference_trains_airbench_on_the_project_data(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    pytest.importorskip("airbench", reason="the benchmark extra: pip install -e '.[bench]'")
+    # 1,030 training images: one of airbench's batches of 1024 an epoch; 40 test images.
+    data_dir = make_image_folder(tmp_path / "data", {"train": 103, "test": 4})
+    output = tmp_path / "airbench.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "airbench_reference.py"), "--device", "cpu",
+        "--runs", "2", "--epochs", "2", "--output", str(output), f"data.data_dir={data_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == json.loads(output.read_text())
+    assert [run["seed"] for run in summary["runs"]] == [0, 1]
+    accuracies = [run["tta_acc"] for run in summary["runs"]]
+    for accuracy in accuracies:  # a share of the 40 test images
+        assert 0 <= accuracy <= 1 and (accuracy * 40) == pytest.approx(round(accuracy * 40))
+    assert summary["tta_acc_mean"] == pytest.approx(sum(accuracies) / 2)
+    assert summary["device"] == "cpu" and summary["epochs"] == 2
+    assert "seed 1: test accuracy" in result.stdout

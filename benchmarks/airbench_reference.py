@@ -1,0 +1,180 @@
+"""airbench's own code trained on this project's data: the yardstick for `experiment=fast`.
+
+Runs `train94` of the `airbench` package (Keller Jordan's cifar10-airbench; 94.01% on the
+official CIFAR-10, mean of its author's 1,000 runs) unchanged, on the images that
+`python train.py experiment=fast` reads (the project's decoded cache). Whatever separates the
+two accuracies is then the recipes' code, not the data. airbench trains on all 50,000
+training images for 9.9 epochs and tests with flip and translate test-time augmentation.
+
+python benchmarks/airbench_reference.py --runs 3               # on the GPU, as airbench runs
+python benchmarks/airbench_reference.py --device cpu --runs 1  # float32: 45 min on 2 cores
+
+Needs `pip install -e ".[bench]"`. airbench is written for CUDA (fp16 net, CUDA events):
+on the CPU the net is its `make_net94` without `.half().cuda()`, the loaders hold float32
+images, and the timing events read the host clock; the training code is airbench's.
+The last line printed is one JSON object (also written to --output when given).
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch import nn
+
+try:
+    import airbench.lib_airbench94 as airbench94
+    import airbench.utils as airbench_utils
+except ImportError as error:
+    raise SystemExit(f"{error}: install the benchmark extra, pip install -e '.[bench]'") from error
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        run_on_cpu()
+    with tempfile.TemporaryDirectory() as work:
+        # airbench reads <path>/train.pt and its test set from ./cifar10/test.pt.
+        write_airbench_data(Path(work) / "cifar10", args.overrides)
+        os.chdir(work)
+        train_loader = airbench_utils.CifarLoader(
+            "cifar10", train=True, batch_size=1024, aug=airbench94.hyp["aug"], altflip=True
+        )
+        test_loader = airbench_utils.CifarLoader("cifar10", train=False, batch_size=2000)
+        make_net = make_net_cpu if device.type == "cpu" else airbench94.make_net94
+        airbench94.train94(train_loader, make_net=make_net, run=-1)  # airbench's warm-up step
+        runs = [train_once(seed, args.epochs, train_loader, test_loader, make_net, device)
+                for seed in range(args.runs)]  # fmt: skip
+    accuracies = torch.tensor([run["tta_acc"] for run in runs], dtype=torch.float64)
+    summary = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "airbench": version("airbench"),
+        "epochs": args.epochs,
+        "runs": runs,
+        "tta_acc_mean": accuracies.mean().item(),
+        "tta_acc_std": accuracies.std().item() if len(runs) > 1 else 0.0,
+        "train_s_mean": sum(run["train_s"] for run in runs) / len(runs),
+    }
+    line = json.dumps(summary)
+    if args.output:
+        Path(args.output).write_text(line + "\n")
+    print(line)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runs", type=int, default=3, help="seeds 0..runs-1")
+    parser.add_argument("--epochs", type=float, default=airbench94.hyp["opt"]["train_epochs"])
+    parser.add_argument("--output", help="also write the JSON line to this file")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides that pick the data")
+    return parser.parse_args()
+
+
+def write_airbench_data(folder: Path, overrides: list[str]) -> None:
+    """The project's cached training and test images, as airbench's train.pt and test.pt."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("train", overrides=["experiment=fast", *overrides])
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    cache = torch.load(datamodule.cache_path, weights_only=True)
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        torch.save(
+            {
+                "images": cache[f"{split}_images"].permute(0, 2, 3, 1),  # airbench's (N, H, W, C)
+                "labels": cache[f"{split}_labels"],
+                "classes": list(range(10)),
+            },
+            folder / f"{split}.pt",
+        )
+
+
+def train_once(
+    seed: int,
+    epochs: float,
+    train_loader: airbench_utils.CifarLoader,
+    test_loader: airbench_utils.CifarLoader,
+    make_net: Callable[[], nn.Module],
+    device: torch.device,
+) -> dict[str, Any]:
+    """One airbench run: training time (with the whitening, as airbench counts it) and the
+    test accuracy with its test-time augmentation."""
+    torch.manual_seed(seed)
+    synchronize(device)
+    started = time.perf_counter()
+    model = airbench94.train94(train_loader, epochs=epochs, make_net=make_net, verbose=False)
+    synchronize(device)
+    train_s = time.perf_counter() - started
+    tta_level = airbench94.hyp["net"]["tta_level"]  # flips and 1-pixel shifts
+    tta_acc = airbench_utils.evaluate(model, test_loader, tta_level=tta_level)
+    print(f"seed {seed}: test accuracy {tta_acc:.4f}, training {train_s:.2f} s", flush=True)
+    return {"seed": seed, "tta_acc": tta_acc, "train_s": train_s}
+
+
+def make_net_cpu() -> nn.Sequential:
+    """airbench's make_net94, in float32 on the CPU."""
+    widths, momentum = airbench94.hyp["net"]["widths"], airbench94.hyp["net"]["batchnorm_momentum"]
+    net = nn.Sequential(
+        airbench94.Conv(3, 24, 2, padding=0, bias=True),
+        nn.GELU(),
+        airbench94.ConvGroup(24, widths["block1"], momentum),
+        airbench94.ConvGroup(widths["block1"], widths["block2"], momentum),
+        airbench94.ConvGroup(widths["block2"], widths["block3"], momentum),
+        nn.MaxPool2d(3),
+        airbench94.Flatten(),
+        nn.Linear(widths["block3"], 10, bias=False),
+        airbench94.Mul(airbench94.hyp["net"]["scaling_factor"]),
+    )
+    net[0].weight.requires_grad = False
+    return net.to(memory_format=torch.channels_last)
+
+
+def run_on_cpu() -> None:
+    """airbench's loaders and timers on the CPU, in float32 (its code assumes CUDA)."""
+
+    class CpuCifarLoader(airbench_utils.CifarLoader):
+        def __init__(self, path: str, *args: Any, gpu: Any = None, **kwargs: Any) -> None:
+            super().__init__(path, *args, gpu="cpu", **kwargs)
+            self.images = self.images.float()
+
+    class HostClockEvent:
+        def __init__(self, enable_timing: bool = True) -> None:
+            self.time = 0.0
+
+        def record(self) -> None:
+            self.time = time.perf_counter()
+
+        def elapsed_time(self, end: "HostClockEvent") -> float:
+            return 1e3 * (end.time - self.time)
+
+    airbench_utils.CifarLoader = CpuCifarLoader  # train() builds its own test loader
+    torch.cuda.Event = HostClockEvent
+    torch.cuda.synchronize = lambda *args: None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
