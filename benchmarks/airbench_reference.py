@@ -7,7 +7,7 @@ two accuracies is then the recipes' code, not the data. airbench trains on all 5
 training images for 9.9 epochs and tests with flip and translate test-time augmentation.
 
 python benchmarks/airbench_reference.py --runs 3               # on the GPU, as airbench runs
-python benchmarks/airbench_reference.py --device cpu --runs 1  # float32: 45 min on 2 cores
+python benchmarks/airbench_reference.py --device cpu --runs 1  # float32: 40 min on 2 cores
 
 Needs `pip install -e ".[bench]"`. airbench is written for CUDA (fp16 net, CUDA events):
 on the CPU the net is its `make_net94` without `.half().cuda()`, the loaders hold float32
