@@ -29,6 +29,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
+from train_speed import device_name, synchronize  # the sibling benchmark, on sys.path
 
 try:
     import airbench.lib_airbench94 as airbench94
@@ -44,18 +45,22 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         run_on_cpu()
+    previous_dir = Path.cwd()
     with tempfile.TemporaryDirectory() as work:
         # airbench reads <path>/train.pt and its test set from ./cifar10/test.pt.
         write_airbench_data(Path(work) / "cifar10", args.overrides)
         os.chdir(work)
-        train_loader = airbench_utils.CifarLoader(
-            "cifar10", train=True, batch_size=1024, aug=airbench94.hyp["aug"], altflip=True
-        )
-        test_loader = airbench_utils.CifarLoader("cifar10", train=False, batch_size=2000)
-        make_net = make_net_cpu if device.type == "cpu" else airbench94.make_net94
-        airbench94.train94(train_loader, make_net=make_net, run=-1)  # airbench's warm-up step
-        runs = [train_once(seed, args.epochs, train_loader, test_loader, make_net, device)
-                for seed in range(args.runs)]  # fmt: skip
+        try:
+            train_loader = airbench_utils.CifarLoader(
+                "cifar10", train=True, batch_size=1024, aug=airbench94.hyp["aug"], altflip=True
+            )
+            test_loader = airbench_utils.CifarLoader("cifar10", train=False, batch_size=2000)
+            make_net = make_net_cpu if device.type == "cpu" else airbench94.make_net94
+            airbench94.train94(train_loader, make_net=make_net, run=-1)  # its warm-up step
+            runs = [train_once(seed, args.epochs, train_loader, test_loader, make_net, device)
+                    for seed in range(args.runs)]  # fmt: skip
+        finally:
+            os.chdir(previous_dir)  # the temporary folder goes; relative paths work again
     accuracies = torch.tensor([run["tta_acc"] for run in runs], dtype=torch.float64)
     summary = {
         "device": device_name(device),
@@ -75,12 +80,17 @@ def main() -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    # "cuda", not "cuda:N": airbench puts everything on the first GPU.
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=default_device)
     parser.add_argument("--runs", type=int, default=3, help="seeds 0..runs-1")
     parser.add_argument("--epochs", type=float, default=airbench94.hyp["opt"]["train_epochs"])
-    parser.add_argument("--output", help="also write the JSON line to this file")
+    parser.add_argument("--output", type=Path, help="also write the JSON line to this file")
     parser.add_argument("overrides", nargs="*", help="train.py overrides that pick the data")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, not {args.runs}")
+    return args
 
 
 def write_airbench_data(folder: Path, overrides: list[str]) -> None:
@@ -93,21 +103,15 @@ def write_airbench_data(folder: Path, overrides: list[str]) -> None:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     cache = torch.load(datamodule.cache_path, weights_only=True)
-    count = len(cache["train_labels"])
-    orders = {
-        "train": torch.randperm(count, generator=torch.Generator().manual_seed(0)),
-        "test": slice(None),
+    order = torch.randperm(len(cache["train_labels"]), generator=torch.Generator().manual_seed(0))
+    splits = {
+        "train": (cache["train_images"][order], cache["train_labels"][order]),
+        "test": (cache["test_images"], cache["test_labels"]),
     }
     folder.mkdir(parents=True)
-    for split, order in orders.items():
-        torch.save(
-            {
-                "images": cache[f"{split}_images"][order].permute(0, 2, 3, 1),  # (N, H, W, C)
-                "labels": cache[f"{split}_labels"][order],
-                "classes": list(range(10)),
-            },
-            folder / f"{split}.pt",
-        )
+    for split, (images, labels) in splits.items():
+        data = {"images": images.permute(0, 2, 3, 1), "labels": labels, "classes": list(range(10))}
+        torch.save(data, folder / f"{split}.pt")  # images as airbench's (N, H, W, C) uint8
 
 
 def train_once(
@@ -118,8 +122,9 @@ def train_once(
     make_net: Callable[[], nn.Module],
     device: torch.device,
 ) -> dict[str, Any]:
-    """One airbench run: training time (with the whitening, as airbench counts it) and the
-    test accuracy with its test-time augmentation."""
+    """One airbench run: the wall time of its `train94` call (building the net, loading the
+    test set, whitening the stem, training) and the test accuracy with its test-time
+    augmentation."""
     torch.manual_seed(seed)
     synchronize(device)
     started = time.perf_counter()
@@ -133,7 +138,8 @@ def train_once(
 
 
 def make_net_cpu() -> nn.Sequential:
-    """airbench's make_net94, in float32 on the CPU."""
+    """airbench's make_net94, in float32 on the CPU: a 2x2 stem of 2 * 3 * 2 * 2 = 24 whitening
+    filters, then its three conv groups and head."""
     widths, momentum = airbench94.hyp["net"]["widths"], airbench94.hyp["net"]["batchnorm_momentum"]
     net = nn.Sequential(
         airbench94.Conv(3, 24, 2, padding=0, bias=True),
@@ -171,17 +177,6 @@ def run_on_cpu() -> None:
     airbench_utils.CifarLoader = CpuCifarLoader  # train() builds its own test loader
     torch.cuda.Event = HostClockEvent
     torch.cuda.synchronize = lambda *args: None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The speed benchmark runs end to end in a smoke mode and ends with one JSON line."""
+"""The benchmarks run end to end in a smoke mode and end with one JSON line."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -7,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from cifar_cnn.data import CIFAR10DataModule
 
 from .conftest import make_image_folder
 
@@ -89,5 +93,32 @@ def test_airbench_reference_trains_airbench_on_the_project_data(
     for accuracy in accuracies:  # a share of the 40 test images
         assert 0 <= accuracy <= 1 and (accuracy * 40) == pytest.approx(round(accuracy * 40))
     assert summary["tta_acc_mean"] == pytest.approx(sum(accuracies) / 2)
-    assert summary["device"] == "cpu" and summary["epochs"] == 2
+    assert summary["epochs"] == 2 and summary["device"]  # the CPU's model name
     assert "seed 1: test accuracy" in result.stdout
+
+
+def test_airbench_reference_writes_the_cache_as_airbench_reads_it(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("airbench", reason="the benchmark extra: pip install -e '.[bench]'")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("CIFAR_CNN_CACHE_DIR", str(cache_dir))
+    airbench_reference = importlib.import_module("airbench_reference")
+    data_dir = make_image_folder(tmp_path / "data", {"train": 3, "test": 2})
+    folder = tmp_path / "cifar10"
+
+    airbench_reference.write_airbench_data(folder, [f"data.data_dir={data_dir}"])
+
+    datamodule = CIFAR10DataModule(data_dir, cache_dir)
+    cache = torch.load(datamodule.cache_path, weights_only=True)
+    train, test = (torch.load(folder / f"{split}.pt") for split in ("train", "test"))
+    assert train["images"].shape == (30, 32, 32, 3) and train["images"].dtype == torch.uint8
+    # The test set as it is; the training set shuffled, each image with its own label.
+    assert torch.equal(test["images"].permute(0, 3, 1, 2), cache["test_images"])
+    assert torch.equal(test["labels"], cache["test_labels"])
+    label_of = {image.numpy().tobytes(): int(label) for image, label in
+                zip(cache["train_images"], cache["train_labels"], strict=True)}  # fmt: skip
+    written = [(image.permute(2, 0, 1).numpy().tobytes(), int(label)) for image, label in
+               zip(train["images"], train["labels"], strict=True)]  # fmt: skip
+    assert sorted(written) == sorted(label_of.items())
+    assert train["labels"].tolist() != cache["train_labels"].tolist()  # not class by class
