@@ -16,7 +16,6 @@ The last line printed is one JSON object (also written to --output when given).
 """
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -29,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
-from train_speed import device_name, synchronize  # the sibling benchmark, on sys.path
+from train_speed import device_name, print_json, synchronize  # the sibling, on sys.path
 
 try:
     import airbench.lib_airbench94 as airbench94
@@ -72,10 +71,7 @@ def main() -> None:
         "tta_acc_std": accuracies.std().item() if len(runs) > 1 else 0.0,
         "train_s_mean": sum(run["train_s"] for run in runs) / len(runs),
     }
-    line = json.dumps(summary)
-    if args.output:
-        Path(args.output).write_text(line + "\n")
-    print(line)
+    print_json(summary, args.output)
 
 
 def parse_args() -> argparse.Namespace:

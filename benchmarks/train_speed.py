@@ -94,10 +94,7 @@ def main() -> None:
         "details": results,
     }
     print_table(summary)
-    line = json.dumps(summary)
-    if args.output:
-        Path(args.output).write_text(line + "\n")
-    print(line)
+    print_json(summary, args.output)
 
 
 def parse_args() -> argparse.Namespace:
@@ -418,6 +415,14 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def print_json(summary: dict[str, Any], output: str | Path | None) -> None:
+    """The result as one JSON line, printed last, and written to `output` when given."""
+    line = json.dumps(summary)
+    if output:
+        Path(output).write_text(line + "\n")
+    print(line)
 
 
 def device_name(device: torch.device) -> str:

@@ -17,20 +17,23 @@ from .conftest import make_image_folder
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, cache_dir: Path, *args: str) -> tuple[str, dict]:
+    """Runs benchmarks/<script> with `args` on the CPU; its output, and its last line's JSON."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", *args]
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout, json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_train_speed_smoke_run_writes_json(
     tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "speed.json"
-    command = [
-        sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--device", "cpu",
-        "--steps", "3", "--epochs", "2", "--output", str(output),
+    stdout, last_line = run_benchmark(
+        "train_speed.py", cache_dir, "--steps", "3", "--epochs", "2", "--output", str(output),
         f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
-    ]  # fmt: skip
-    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    last_line = json.loads(result.stdout.strip().splitlines()[-1])
+    )  # fmt: skip
     assert last_line == json.loads(output.read_text())
     assert {"reference_epoch_s", "project_epoch_s", "ratio", "device", "torch"} <= last_line.keys()
     assert last_line["ratio"] == last_line["project_epoch_s"] / last_line["reference_epoch_s"]
@@ -42,25 +45,20 @@ def test_train_speed_smoke_run_writes_json(
         # A whole run's training time, warm-up epoch included (the mean over runs).
         whole_run = sum(figures["epoch_times_s"]) / runs
         assert figures["train_s"] == pytest.approx(whole_run, abs=0.01)
-    assert "ratio project/reference" in result.stdout
+    assert "ratio project/reference" in stdout
 
 
 def test_train_speed_profile_counts_each_paths_operations_per_step(
     tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
-    command = [
-        sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--device", "cpu",
-        "--steps", "3", "--epochs", "2", "--profile",
+    stdout, last_line = run_benchmark(
+        "train_speed.py", cache_dir, "--steps", "3", "--epochs", "2", "--profile",
         f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
-    ]  # fmt: skip
-    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    details = json.loads(result.stdout.strip().splitlines()[-1])["details"]
+    )  # fmt: skip
+    details = last_line["details"]
     for path in ("reference", "project"):
         profile = details[path]["profile"]
-        assert f"{path}: one epoch of 3 steps under torch.profiler" in result.stdout
+        assert f"{path}: one epoch of 3 steps under torch.profiler" in stdout
         # At least a forward and a backward per step; on a CPU, no kernels and no waits.
         assert profile["aten_ops_per_step"] >= 2
         assert profile["kernel_launches_per_step"] == profile["host_waits_per_step"] == 0
@@ -78,15 +76,10 @@ def test_airbench_reference_trains_airbench_on_the_project_data(
     # 1,030 training images: one of airbench's batches of 1024 an epoch; 40 test images.
     data_dir = make_image_folder(tmp_path / "data", {"train": 103, "test": 4})
     output = tmp_path / "airbench.json"
-    command = [
-        sys.executable, str(ROOT / "benchmarks" / "airbench_reference.py"), "--device", "cpu",
-        "--runs", "2", "--epochs", "2", "--output", str(output), f"data.data_dir={data_dir}",
-    ]  # fmt: skip
-    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout, summary = run_benchmark(
+        "airbench_reference.py", cache_dir, "--runs", "2", "--epochs", "2",
+        "--output", str(output), f"data.data_dir={data_dir}",
+    )  # fmt: skip
     assert summary == json.loads(output.read_text())
     assert [run["seed"] for run in summary["runs"]] == [0, 1]
     accuracies = [run["tta_acc"] for run in summary["runs"]]
@@ -94,7 +87,7 @@ def test_airbench_reference_trains_airbench_on_the_project_data(
         assert 0 <= accuracy <= 1 and (accuracy * 40) == pytest.approx(round(accuracy * 40))
     assert summary["tta_acc_mean"] == pytest.approx(sum(accuracies) / 2)
     assert summary["epochs"] == 2 and summary["device"]  # the CPU's model name
-    assert "seed 1: test accuracy" in result.stdout
+    assert "seed 1: test accuracy" in stdout
 
 
 def test_airbench_reference_writes_the_cache_as_airbench_reads_it(
