@@ -90,24 +90,21 @@ def parse_args() -> argparse.Namespace:
 
 
 def write_airbench_data(folder: Path, overrides: list[str]) -> None:
-    """The project's cached training and test images, as airbench's train.pt and test.pt.
+    """The project's training and test images, as airbench's train.pt and test.pt.
 
-    The training images in a seeded random order, as in the official files: the cache holds
-    them class by class, and airbench whitens its stem from the first 5,000 it is given."""
+    All 50,000 training images (`val_fraction=0`), in the data module's seeded random order:
+    the cache holds them class by class, and airbench whitens its stem from the first 5,000
+    it is given (a random mix in the official files)."""
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("train", overrides=["experiment=fast", *overrides])
+        cfg = compose("train", overrides=["experiment=fast", "data.val_fraction=0", *overrides])
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
-    cache = torch.load(datamodule.cache_path, weights_only=True)
-    order = torch.randperm(len(cache["train_labels"]), generator=torch.Generator().manual_seed(0))
-    splits = {
-        "train": (cache["train_images"][order], cache["train_labels"][order]),
-        "test": (cache["test_images"], cache["test_labels"]),
-    }
+    datamodule.setup("fit")
     folder.mkdir(parents=True)
-    for split, (images, labels) in splits.items():
-        data = {"images": images.permute(0, 2, 3, 1), "labels": labels, "classes": list(range(10))}
-        torch.save(data, folder / f"{split}.pt")  # images as airbench's (N, H, W, C) uint8
+    for split, dataset in (("train", datamodule.data_train), ("test", datamodule.data_test)):
+        images = dataset.images.permute(0, 2, 3, 1)  # airbench's (N, H, W, C) uint8
+        data = {"images": images, "labels": dataset.labels, "classes": list(range(10))}
+        torch.save(data, folder / f"{split}.pt")
 
 
 def train_once(
