@@ -69,6 +69,22 @@ def test_train_speed_profile_counts_each_paths_operations_per_step(
     assert project_ops > reference_ops
 
 
+def test_step_overhead_smoke_run_times_each_path(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "overhead.json"
+    stdout, summary = run_benchmark(
+        "step_overhead.py", cache_dir, "--steps", "3", "--epochs", "2", "--rounds", "1",
+        "--output", str(output), f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
+    )  # fmt: skip
+    assert summary == json.loads(output.read_text())
+    paths = ["one_layer_plain", "one_layer_lightning", "plain", "on_device", "dataloader",
+             "bare_step"]  # fmt: skip
+    assert list(summary["us_per_step"]) == paths
+    assert all(len(times) == 1 and times[0] > 0 for times in summary["us_per_step"].values())
+    assert "Lightning's loop:" in stdout and "project/plain" in stdout
+
+
 def test_airbench_reference_trains_airbench_on_the_project_data(
     tmp_path: Path, cache_dir: Path
 ) -> None:

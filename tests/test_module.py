@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -88,3 +89,39 @@ def test_schedulers_without_a_length_work_too(tiny_data_dir: Path, tmp_path: Pat
     model = ImageClassifier(net=NET, optimizer=ADAM, scheduler=step_lr)
     trainer = fit_briefly(model, tiny_data_dir, tmp_path, max_steps=4)
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(3e-6)
+
+
+def test_epoch_figures_are_the_mean_batch_loss_and_the_share_of_correct_images(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """With a learning rate of 0 and no dropout the net is the same at every step, so the
+    epoch's figures can be recomputed from its batches afterwards."""
+
+    class Batches(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def on_train_batch_end(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+            batch_idx: int,
+        ) -> None:  # fmt: skip
+            self.seen.append((*batch, outputs["loss"].detach()))
+
+    model = ImageClassifier(net={**NET, "dropout": 0.0}, optimizer={**ADAM, "lr": 0.0})
+    batches = Batches()
+    trainer = L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, max_epochs=1,
+        limit_val_batches=0, callbacks=[batches],
+    )  # fmt: skip
+    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
+
+    images = sum(len(labels) for _, labels, _ in batches.seen)
+    assert len(batches.seen) == 5 and images == 80
+    with torch.no_grad():
+        correct = sum(int((model.net(x).argmax(1) == y).sum()) for x, y, _ in batches.seen)
+    losses = torch.stack([loss for _, _, loss in batches.seen])
+    figures = trainer.callback_metrics
+    assert figures["train/loss_epoch"] == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert figures["train/acc_epoch"] == pytest.approx(correct / images)
+    assert 0 < correct < images  # a figure that a wrong count would change

@@ -1,0 +1,196 @@
+"""Where a small net's training step loses time to the framework, per step.
+
+Two measurements, each side by side in one process and in alternating rounds (a shared
+machine drifts):
+
+1. Lightning's own loop: a one-layer model (Linear 4 -> 2, batches of one image-less row, on
+   the device) trained by a plain loop and by a bare `Trainer` (no logger, checkpoints,
+   progress bar or callbacks): what Lightning's hooks cost a step when there is no compute
+   to hide them.
+2. The project's seed config (or any overrides): `train_speed.py`'s plain loop, and its
+   project path three ways: data on the device (`data.on_device=true`), through the
+   DataLoader, and data on the device with the module's per-step bookkeeping left out
+   (`BareTrainingStep`: the loss alone; no training metrics or logging), which is what that
+   bookkeeping costs.
+
+python benchmarks/step_overhead.py --device cuda --epochs 3
+python benchmarks/step_overhead.py --device cpu --epochs 2 --steps 50 --rounds 1   # smoke run
+
+The last line printed is one JSON object (microseconds per step; also written to --output).
+"""
+
+import argparse
+import copy
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_speed  # noqa: E402  (the sibling benchmark: its config and project path)
+
+from cifar_cnn.module import ImageClassifier  # noqa: E402
+
+ROWS = 3000  # steps of the one-layer loop
+
+
+class BareTrainingStep(ImageClassifier):
+    """ImageClassifier whose training step returns the loss and does nothing else."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        return F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)
+
+
+class _Rows:
+    """Batches of one row, already on the device, as a loader Lightning accepts."""
+
+    sampler = None
+    batch_sampler = None
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(len(self.inputs)):
+            yield self.inputs[i : i + 1], self.targets[i : i + 1]
+
+
+class _OneLayer(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        return F.cross_entropy(self.layer(inputs), targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters())
+
+
+class _EpochClock(L.Callback):
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        train_speed.synchronize(pl_module.device)
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        train_speed.synchronize(pl_module.device)
+        self.seconds = time.perf_counter() - self.started
+
+
+def one_layer_plain(rows: _Rows, device: torch.device) -> float:
+    layer = torch.nn.Linear(4, 2).to(device)
+    optimizer = torch.optim.Adam(layer.parameters())
+    train_speed.synchronize(device)
+    started = time.perf_counter()
+    for inputs, targets in rows:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(layer(inputs), targets).backward()
+        optimizer.step()
+    train_speed.synchronize(device)
+    return time.perf_counter() - started
+
+
+def one_layer_lightning(rows: _Rows, device: torch.device) -> float:
+    clock = _EpochClock()
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    trainer.fit(_OneLayer(), rows)
+    return clock.seconds
+
+
+def seed_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> float:
+    """Seconds a step (the first epoch left out) of train_speed's plain loop (`plain`) or of
+    one variant of the project's path."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.data.on_device = variant != "dataloader"
+        if variant == "bare_step":
+            cfg.model._target_ = f"{__name__}.BareTrainingStep"
+    datamodule = instantiate(cfg.data)  # a fresh one: the on-device path moves its tensors
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    steps = args.steps or len(datamodule.train_dataloader())
+    if variant == "plain":
+        train = datamodule.data_train
+        device = torch.device(args.device)
+        figures = train_speed.reference_loop(cfg, args, device, train.images, train.labels, steps)
+        return figures["epoch_s"] / steps
+    return train_speed.project_fit(cfg, args, datamodule, steps)["epoch_s"] / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--epochs", type=int, default=3, help="the first one is warm-up")
+    parser.add_argument("--steps", type=int, default=0, help="train steps per epoch (0: all)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each")
+    parser.add_argument("--output", help="also write the JSON summary to this file")
+    parser.add_argument("overrides", nargs="*", help="train.py config overrides")
+    args = parser.parse_args()
+    # What train_speed's config and project path read: the config's own settings, no profiler.
+    args.precision, args.channels_last, args.compile, args.profile = "32-true", None, None, False
+    warnings.filterwarnings("ignore", module="lightning")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    cfg = train_speed.compose_config(args)
+
+    inputs = torch.randn(ROWS, 4, device=device)
+    rows = _Rows(inputs, torch.randint(0, 2, (ROWS,), device=device))
+    one_layer_plain(rows, device)  # warm-up: the device's first kernels
+    figures: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for name, run in (
+            ("one_layer_plain", one_layer_plain),
+            ("one_layer_lightning", one_layer_lightning),
+        ):
+            figures.setdefault(name, []).append(run(rows, device) / ROWS)
+        for variant in ("plain", "on_device", "dataloader", "bare_step"):
+            figures.setdefault(variant, []).append(seed_step_s(cfg, args, variant))
+
+    summary: dict[str, Any] = {
+        "device": train_speed.device_name(device),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "overrides": args.overrides,
+        "us_per_step": {
+            name: [round(s * 1e6, 1) for s in times] for name, times in figures.items()
+        },
+    }
+    mean = {name: sum(times) / len(times) * 1e6 for name, times in figures.items()}
+    print(f"\n{'path':22s} us/step (mean of {args.rounds})")
+    for name, value in mean.items():
+        print(f"{name:22s} {value:9.1f}")
+    print(
+        f"Lightning's loop: {mean['one_layer_lightning'] - mean['one_layer_plain']:.1f} us a "
+        f"step; the module's bookkeeping: {mean['on_device'] - mean['bare_step']:.1f} us; "
+        f"project/plain {mean['on_device'] / mean['plain']:.3f} (data on the device), "
+        f"{mean['dataloader'] / mean['plain']:.3f} (DataLoader)"
+    )
+    train_speed.print_json(summary, args.output)
+
+
+if __name__ == "__main__":
+    main()
