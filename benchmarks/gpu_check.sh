@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/README.md in one run on a lent H100/H200 (the `device` tool's
-# `run`, carry: ["gpu_payload"]); 2.5 minutes on an H200 before the compiled runs were added
-# (untimed since: give it a 600 s limit). Prepare the payload here first:
+# `run`, carry: ["gpu_payload"]); 410 s on an H100 before step_overhead.py replaced two seed
+# runs (about 40 s more since, untimed: give it the 600 s limit). At most 8 files come back
+# from $OUT: the rest stays in /tmp, and the log has it. Prepare the payload here first:
 #   bash benchmarks/gpu_check.sh --prepare
 # Its image holds torch, Lightning, torchmetrics and TensorBoard but no Hydra: the wheels
 # travel in gpu_payload/, with the JPEG data set as one gzipped tar (../shared does not travel;
@@ -28,7 +29,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 tar -C /tmp/data -xzf "$PAYLOAD/cifar10-jpg.tar.gz"
 export CIFAR10_DIR=/tmp/data/cifar10-jpg CIFAR_CNN_CACHE_DIR=/tmp/cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 
 FAST="experiment=fast trainer=gpu trainer.precision=bf16-mixed"
@@ -48,22 +49,26 @@ fast_seeds fast
 # (A payload prepared before it was added lacks its wheel: --prepare again.)
 python3 benchmarks/airbench_reference.py --runs 3 --output "$OUT/airbench.json" 2>&1 | tail -5 ||
     echo "airbench_reference.py failed; the measurements below go on"
-# The seed config against the plain loop, data kept on the GPU; then the fast recipe's loop.
-python3 benchmarks/train_speed.py --device cuda --epochs 3 --output "$OUT/seed_on_device.json" \
-    data=cifar10_gpu 2>&1 | tail -6
+# The seed config against the plain loop, both data paths side by side, with Lightning's own
+# per-step cost and the module's; then the fast recipe's loop.
+python3 benchmarks/step_overhead.py --device cuda --epochs 3 --rounds 2 \
+    --output "$OUT/overhead.json" 2>&1 | tail -9
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --precision bf16-mixed \
     --output "$OUT/fast_bench.json" experiment=fast 2>&1 | tail -6
 # Where each path's host time goes on the GPU: operations, kernel launches and syncs per step.
 PROFILE_TABLES='under torch.profiler|^path '  # each path's table, then the summary
+profile_counts() {  # a profile's JSON: each path's operations, launches, waits, copies per step
+    python3 -c "import json, sys; details = json.load(open(sys.argv[1]))['details']
+for path in ('reference', 'project'): print(path, details[path]['profile'])" "$1"
+}
 python3 benchmarks/train_speed.py --device cuda --epochs 2 --steps 100 --profile \
-    --output "$OUT/seed_profile.json" data=cifar10_gpu 2>&1 | grep -v "^{" |
+    --output /tmp/seed_profile.json data=cifar10_gpu 2>&1 | grep -v "^{" |
     grep -E -A 21 "$PROFILE_TABLES"
+profile_counts /tmp/seed_profile.json
 python3 benchmarks/train_speed.py --device cuda --epochs 2 --profile --precision bf16-mixed \
-    --output "$OUT/fast_profile.json" experiment=fast 2>&1 | grep -v "^{" |
+    --output /tmp/fast_profile.json experiment=fast 2>&1 | grep -v "^{" |
     grep -E -A 21 "$PROFILE_TABLES"
+profile_counts /tmp/fast_profile.json
 fast_seeds fast_compiled model.compile=true  # its first epoch waits for the compiler
 python3 benchmarks/train_speed.py --device cuda --epochs 3 --precision bf16-mixed --compile \
     --output "$OUT/fast_bench_compiled.json" experiment=fast 2>&1 | tail -6
-# The seed config through the DataLoader (pageable host batches copied every step).
-python3 benchmarks/train_speed.py --device cuda --epochs 3 --output "$OUT/seed_loader.json" \
-    2>&1 | tail -6

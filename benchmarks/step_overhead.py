@@ -3,7 +3,7 @@
 Two measurements, each side by side in one process and in alternating rounds (a shared
 machine drifts):
 
-1. Lightning's own loop: a one-layer model (Linear 4 -> 2, batches of one image-less row, on
+1. Lightning's own loop: a one-layer model (Linear 4 -> 2, batches of one row of 4 numbers, on
    the device) trained by a plain loop and by a bare `Trainer` (no logger, checkpoints,
    progress bar or callbacks): what Lightning's hooks cost a step when there is no compute
    to hide them.
@@ -11,9 +11,10 @@ machine drifts):
    project path three ways: data on the device (`data.on_device=true`), through the
    DataLoader, and data on the device with the module's per-step bookkeeping left out
    (`BareTrainingStep`: the loss alone; no training metrics or logging), which is what that
-   bookkeeping costs.
+   bookkeeping costs. `--precision` applies to these paths.
 
 python benchmarks/step_overhead.py --device cuda --epochs 3
+python benchmarks/step_overhead.py --device cpu --precision bf16-mixed   # the seed on this CPU
 python benchmarks/step_overhead.py --device cpu --epochs 2 --steps 50 --rounds 1   # smoke run
 
 The last line printed is one JSON object (microseconds per step; also written to --output).
@@ -147,11 +148,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="the first one is warm-up")
     parser.add_argument("--steps", type=int, default=0, help="train steps per epoch (0: all)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each")
+    parser.add_argument("--precision", default="32-true", help="Lightning's: 32-true, bf16-mixed")
     parser.add_argument("--output", help="also write the JSON summary to this file")
     parser.add_argument("overrides", nargs="*", help="train.py config overrides")
     args = parser.parse_args()
-    # What train_speed's config and project path read: the config's own settings, no profiler.
-    args.precision, args.channels_last, args.compile, args.profile = "32-true", None, None, False
+    # What else train_speed's config and paths read: the config's own settings, no profiler.
+    args.channels_last, args.compile, args.profile = None, None, False
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device(args.device)
@@ -174,6 +176,7 @@ def main() -> None:
         "device": train_speed.device_name(device),
         "torch": torch.__version__,
         "lightning": L.__version__,
+        "precision": args.precision,
         "overrides": args.overrides,
         "us_per_step": {
             name: [round(s * 1e6, 1) for s in times] for name, times in figures.items()

@@ -103,8 +103,8 @@ class ImageClassifier(L.LightningModule):
 
         The epoch figures are two sums kept on the device, a handful of small kernels a step,
         logged once, at the epoch's last batch, where the callbacks that report epochs read
-        them. torchmetrics' `MeanMetric` and `MulticlassAccuracy` updates cost about 0.5 ms a
-        step on an H100, a fifth of the seed net's whole step there
+        them. torchmetrics' `MeanMetric` and `MulticlassAccuracy` updates took about 0.5 ms a
+        step on an H100's host, a fifth of the plain loop's whole seed step there
         (benchmarks/step_overhead.py); `self.log` costs 0.8 ms a call (Lightning moves its
         records to the device each time)."""
         images, labels = batch

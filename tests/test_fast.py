@@ -244,6 +244,7 @@ def test_label_smoothing_applies_to_the_training_loss_only() -> None:
     model.validation_step((images, labels), 0)
     assert torch.allclose(logged["val/loss"], F.cross_entropy(logits, labels))
     smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2)
+    model.on_train_epoch_start()  # as Lightning calls it before an epoch's steps
     assert torch.allclose(model.training_step((images, labels), 0), smoothed)
 
 
