@@ -40,6 +40,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_speed  # noqa: E402  (the sibling benchmark: its config and project path)
 
+from cifar_cnn.memory import keep_freed_memory  # noqa: E402
 from cifar_cnn.module import ImageClassifier  # noqa: E402
 
 ROWS = 3000  # steps of the one-layer loop
@@ -154,6 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     # What else train_speed's config and paths read: the config's own settings, no profiler.
     args.channels_last, args.compile, args.profile = None, None, False
+    keep_freed_memory()  # as train.py and train_speed.py: glibc keeps freed blocks
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device(args.device)
