@@ -84,16 +84,6 @@ class _OneLayer(L.LightningModule):
         return torch.optim.Adam(self.parameters())
 
 
-class _EpochClock(L.Callback):
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        train_speed.synchronize(pl_module.device)
-        self.started = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        train_speed.synchronize(pl_module.device)
-        self.seconds = time.perf_counter() - self.started
-
-
 def one_layer_plain(rows: _Rows, device: torch.device) -> float:
     layer = torch.nn.Linear(4, 2).to(device)
     optimizer = torch.optim.Adam(layer.parameters())
@@ -108,7 +98,7 @@ def one_layer_plain(rows: _Rows, device: torch.device) -> float:
 
 
 def one_layer_lightning(rows: _Rows, device: torch.device) -> float:
-    clock = _EpochClock()
+    timer = train_speed.EpochTimer()
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -117,10 +107,11 @@ def one_layer_lightning(rows: _Rows, device: torch.device) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[clock],
+        callbacks=[timer],
     )
     trainer.fit(_OneLayer(), rows)
-    return clock.seconds
+    [seconds] = timer.epoch_times
+    return seconds
 
 
 def seed_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> float:
