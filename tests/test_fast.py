@@ -28,6 +28,15 @@ def ready(data_dir: Path, cache_dir: Path, **kwargs) -> CIFAR10DataModule:
     return datamodule
 
 
+def tiny_fast_run(tiny_data_dir: Path) -> list[str]:
+    """experiment=fast for two epochs on the tiny data set, with a narrower net."""
+    return [
+        "experiment=fast", f"data.data_dir={tiny_data_dir}", "data.batch_size=16",
+        "data.eval_batch_size=16", "model.net.widths=[8,16,16]", "trainer.accelerator=cpu",
+        "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "logger.tensorboard=null",
+    ]  # fmt: skip
+
+
 def epoch_batches(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
     return list(loader)
@@ -281,12 +290,8 @@ def test_the_fast_experiment_trains_tests_and_resumes_exactly_on_the_cpu(
 ) -> None:
     """Two epochs of the whole recipe on the tiny data, with a narrower net; then the second
     epoch again, resumed from the first one's checkpoint, to the same weights."""
-    overrides = [
-        "experiment=fast", f"data.data_dir={tiny_data_dir}", "data.batch_size=16",
-        "data.eval_batch_size=16", "model.net.widths=[8,16,16]", "trainer.accelerator=cpu",
-        "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "logger.tensorboard=null",
-    ]  # fmt: skip
-    full = compose_config(*overrides, "+callbacks.model_checkpoint.save_top_k=-1")
+    overrides = tiny_fast_run(tiny_data_dir)
+    full = compose_config(*overrides, "callbacks.model_checkpoint.save_top_k=-1")
     metrics = train(full)
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
     assert 0 <= metrics["test/acc"] <= 1
@@ -302,6 +307,25 @@ def test_the_fast_experiment_trains_tests_and_resumes_exactly_on_the_cpu(
         assert torch.equal(value, expected[key]), key
 
 
+def test_the_fast_experiment_saves_one_checkpoint_with_the_tested_weights(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    """No checkpoint per epoch: last.ckpt, written when training ends, holds the weights whose
+    test accuracy the run reports, and the run's metrics name it."""
+    cfg = compose_config(*tiny_fast_run(tiny_data_dir))
+    metrics = train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert [path.name for path in checkpoints.iterdir()] == ["last.ckpt"]
+    assert metrics["best_checkpoint"] == str(checkpoints / "last.ckpt")
+
+    model = ImageClassifier.load_from_checkpoint(
+        checkpoints / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    [retested] = trainer.test(model, instantiate(cfg.data), verbose=False)
+    assert retested["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
 @pytest.mark.slow  # compiling takes about a minute
 def test_the_fast_experiment_trains_compiled_in_bf16_and_its_checkpoint_loads_eager(
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path
@@ -309,11 +333,8 @@ def test_the_fast_experiment_trains_compiled_in_bf16_and_its_checkpoint_loads_ea
     """With a global `amax` in FastCNN, inductor's backward under bf16 autocast gave NaN
     gradients and the loss was NaN at step 2 (pytorch issue 186799)."""
     cfg = compose_config(
-        "experiment=fast", f"data.data_dir={tiny_data_dir}", "data.batch_size=16",
-        "data.eval_batch_size=16", "model.net.widths=[8,16,16]", "trainer.accelerator=cpu",
-        "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "logger.tensorboard=null",
-        "model.compile=true", "trainer.precision=bf16-mixed",
-    )  # fmt: skip
+        *tiny_fast_run(tiny_data_dir), "model.compile=true", "trainer.precision=bf16-mixed"
+    )
     metrics = train(cfg)  # FiniteLoss stops the run if a loss turns NaN
     assert metrics["status"] == "completed" and 0 <= metrics["test/acc"] <= 1
 
