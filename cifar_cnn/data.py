@@ -326,7 +326,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         """The cache file for the source as it is now: a changed source gets a new file."""
         digest = hashlib.sha256(f"format {CACHE_FORMAT}\n{self.data_dir.resolve()}\n".encode())
         for path in self._source_files():
-            stat = path.stat()
+            stat = os.stat(path)
             digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
         return self.cache_dir / f"cifar10-{digest.hexdigest()[:16]}.pt"
 
@@ -346,7 +346,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             ) from error
         return "torchvision"
 
-    def _source_files(self) -> list[Path]:
+    def _source_files(self) -> list[str]:
         if self._layout() == "torchvision":
             folder = self.data_dir / TORCHVISION_FOLDER
             files = [folder / name for name, _ in CIFAR10.train_list + CIFAR10.test_list]
@@ -356,15 +356,16 @@ class CIFAR10DataModule(L.LightningDataModule):
                     f"{folder} lacks {', '.join(missing)}: delete the folder to download the "
                     "batches again, or point data.data_dir at a complete copy"
                 )
-            return files
+            return [str(path) for path in files]
         return [path for files in self._folder_listing.values() for path, _ in files]
 
     @cached_property
-    def _folder_listing(self) -> dict[str, list[tuple[Path, int]]]:
-        """(image path, label) of each split's images, class by class, sorted by name."""
+    def _folder_listing(self) -> dict[str, list[tuple[str, int]]]:
+        """(image path, label) of each split's images, class by class, sorted by name. Paths
+        as strings: 60,000 `Path` objects took 0.6 s, at every run's start."""
         return {split: self._folder_files(split) for split in ("train", "test")}
 
-    def _folder_files(self, split: str) -> list[tuple[Path, int]]:
+    def _folder_files(self, split: str) -> list[tuple[str, int]]:
         split_dir = self.data_dir / split
         unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(CLASSES))
         if unknown:
@@ -380,10 +381,13 @@ class CIFAR10DataModule(L.LightningDataModule):
                     f"class folder {class_dir} is missing: an image-folder data set needs "
                     f"one folder per CIFAR-10 class under {split_dir} ({', '.join(CLASSES)})"
                 )
-            names = sorted(entry.name for entry in os.scandir(class_dir) if entry.is_file())
-            for file_name in names:
-                is_image = Path(file_name).suffix.lower() in IMAGE_SUFFIXES
-                (files if is_image else skipped).append((class_dir / file_name, label))
+            entries = sorted(
+                (entry for entry in os.scandir(class_dir) if entry.is_file()),
+                key=lambda entry: entry.name,
+            )
+            for entry in entries:
+                is_image = os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+                (files if is_image else skipped).append((entry.path, label))
         if skipped:
             log.warning(
                 "skipped %d files under %s that are not images by their suffix, e.g. %s",
@@ -436,7 +440,7 @@ def augment(images: Tensor, flip: bool, padding: int) -> Tensor:
     return images
 
 
-def _decode(path: Path) -> Tensor:
+def _decode(path: str) -> Tensor:
     try:
         with Image.open(path) as image:
             pixels = np.array(image.convert("RGB"))
