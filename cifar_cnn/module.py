@@ -89,8 +89,16 @@ class ImageClassifier(L.LightningModule):
             logits = (logits + self.net(images.flip(3))) / 2
         return logits
 
+    def on_train_start(self) -> None:
+        # Lightning skips on_train_epoch_start when it resumes a run mid-epoch: that epoch's
+        # figures then cover the batches after the resume.
+        self._reset_epoch_figures()
+
     def on_train_epoch_start(self) -> None:
-        # The epoch's training figures, summed on the device step by step (see training_step).
+        self._reset_epoch_figures()
+
+    def _reset_epoch_figures(self) -> None:
+        """The epoch's training figures, summed on the device step by step (training_step)."""
         self._epoch_loss_sum = torch.zeros((), device=self.device)
         self._epoch_correct = torch.zeros((), dtype=torch.long, device=self.device)
         self._epoch_batches = self._epoch_images = 0

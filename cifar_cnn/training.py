@@ -67,15 +67,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         fit_started = time.perf_counter()
         trainer.fit(model, datamodule, ckpt_path=resume_from, weights_only=True)
         fit_time_s = round(time.perf_counter() - fit_started, 1)
-        checkpoints = trainer.checkpoint_callback
-        best = checkpoints.best_model_path if checkpoints else ""
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         val_acc_best = float(trainer.callback_metrics["val/acc_best"])
-        # The best checkpoint when there is one. Else the last weights: with save_top_k=0
-        # (experiment=fast) last.ckpt holds them; fast_dev_run saves none.
+        # The best checkpoint when there is one; fast_dev_run saves none: test the last weights.
         [test_metrics] = trainer.test(
             model, datamodule, ckpt_path="best" if best else None, weights_only=True
         )
-        tested = best or (checkpoints.last_model_path if checkpoints else "")
 
     metrics = {
         "status": "completed",
@@ -84,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         # trainer.fit: set-up on the device (whitening, compiling), training and validation.
         "fit_time_s": fit_time_s,
-        "best_checkpoint": tested,
+        "best_checkpoint": best,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     for logger in trainer.loggers:
@@ -93,8 +90,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.finalize("success")
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        tested_weights = tested or "last weights"
-        log.info("Test accuracy %.4f (checkpoint %s)", metrics["test/acc"], tested_weights)
+        log.info("Test accuracy %.4f (checkpoint %s)", metrics["test/acc"], best or "last weights")
     return metrics
 
 

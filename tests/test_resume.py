@@ -6,16 +6,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from omegaconf import DictConfig
 
+from cifar_cnn.callbacks import StoppedBySignal
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
-from cifar_cnn.training import _check_same_settings
+from cifar_cnn.training import _check_same_settings, train
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +34,17 @@ def train_py(*args: str, cache_dir: Path, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+class InterruptAtStep(L.Callback):
+    """Sends this process SIGINT (Ctrl-C) once training reaches `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -85,6 +99,28 @@ def test_a_killed_run_resumes_in_its_folder_to_exactly_the_same_result(
     assert [figures_of(run)[k] for k in figures] == [figures_of(full_run)[k] for k in figures]
     assert (run / ".hydra" / "overrides.yaml").read_text().count("ckpt_path") == 0
     assert len(list((run / ".hydra").glob("resumed_*/overrides.yaml"))) == 1
+
+
+def test_a_run_stopped_mid_epoch_resumes_and_finishes(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    """Lightning does not call `on_train_epoch_start` when it resumes mid-epoch: the module's
+    epoch figures must not depend on it."""
+    overrides = [
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
+        "trainer.max_epochs=2", "logger.tensorboard=null",
+    ]  # fmt: skip
+    stopped = compose_config(
+        *overrides, f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
+        "+callbacks.interrupt.step=7",
+    )  # fmt: skip
+    # 5 steps an epoch; GracefulStop, before this callback in the list, stops at the next step.
+    with pytest.raises(StoppedBySignal, match="at step 8 \\(epoch 1\\)"):
+        train(stopped)
+    run = Path(stopped.paths.output_dir)
+
+    metrics = train(compose_config(*overrides, f"ckpt_path={run}"))
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
 
 
 def test_resuming_with_other_settings_is_refused(
