@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from cifar_cnn.data import CLASSES, CIFAR10DataModule, augment
+from cifar_cnn.data import CLASSES, CIFAR10DataModule, _suffix, augment
 from cifar_cnn.errors import DataNotFoundError, UserError
 
 from .conftest import make_image_folder
@@ -155,6 +155,12 @@ def test_missing_class_folder_is_named(tiny_data_dir: Path, tmp_path: Path) -> N
     (tiny_data_dir / "train" / "frog").rmdir()
     with pytest.raises(DataNotFoundError, match=r"train/frog is missing"):
         ready(tiny_data_dir, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "b.JPEG", "a.tar.gz", ".jpg", "..jpg", "a.", "a", "."])
+def test_the_listing_reads_suffixes_as_pathlib_does(name: str) -> None:
+    """The cache key lists the files that count as images: the same ones as with `Path`."""
+    assert _suffix(name) == Path(name).suffix
 
 
 def test_files_that_are_not_images_are_skipped_with_a_count(
