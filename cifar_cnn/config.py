@@ -53,6 +53,23 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise UserError(f"{key}={value!r} is not allowed: it must be {description}")
+    _check_clipping(cfg)
+
+
+MIXED_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed")
+
+
+def _check_clipping(cfg: DictConfig) -> None:
+    """Lightning refuses to clip a fused optimizer's gradients under mixed precision (such an
+    optimizer unscales them inside its step); say so before any data is loaded."""
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
+    precision = str(OmegaConf.select(cfg, "trainer.precision"))
+    if clip and precision in MIXED_PRECISIONS and OmegaConf.select(cfg, "model.optimizer.fused"):
+        raise UserError(
+            f"trainer.gradient_clip_val={clip!r} with trainer.precision={precision} needs "
+            "model.optimizer.fused=false: Lightning cannot clip a fused optimizer's gradients "
+            "under mixed precision"
+        )
 
 
 def stdout_isatty() -> bool:

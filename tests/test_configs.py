@@ -108,6 +108,11 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
         ("experiment=fast model.scheduler.peak_fraction=2", "model.scheduler.peak_fraction=2 is"),
         ("experiment=fast model.scheduler.start_factor=-1", "model.scheduler.start_factor=-1 is"),
         ("data.shuffle_seed=-1", "data.shuffle_seed=-1 is not allowed"),
+        (
+            "+trainer.gradient_clip_val=1.0 trainer.precision=bf16-mixed",
+            "trainer.gradient_clip_val=1.0 with trainer.precision=bf16-mixed needs "
+            "model.optimizer.fused=false",
+        ),
     ],
 )
 def test_bad_values_stop_before_any_data_is_loaded(
