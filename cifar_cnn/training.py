@@ -4,6 +4,7 @@ import gc
 import inspect
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -49,17 +50,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     validate(cfg)
     keep_freed_memory()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if resume_from:  # checked before the run's files are touched: a refusal loses nothing
+        _check_unfinished(resume_from, trainer)
+        _check_same_settings(resume_from, datamodule, model)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: one process writes the run's files
         (output_dir / "metrics.json").unlink(missing_ok=True)  # no stale result of earlier runs
         info = json.dumps(provenance(cfg.seed), indent=2) + "\n"
         (output_dir / "run_info.json").write_text(info)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule, model, trainer = build(cfg)
-    resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
-    if resume_from:
-        _check_same_settings(resume_from, datamodule, model)
 
     # Log lines print above progress bars instead of through them. Checkpoints are loaded
     # weights-only: no code in them runs (ours hold plain values only).
@@ -171,6 +173,24 @@ def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size", "on_device")
 
 
+def _check_unfinished(checkpoint: Path, trainer: L.Trainer) -> None:
+    """Lightning returns at once from a checkpoint at the trainer's limit: say so instead."""
+    saved = read_checkpoint(checkpoint)
+    progress = saved.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    epochs = progress.get("current", {}).get("processed", 0)
+    reached = []
+    if trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs:
+        reached.append(f"trainer.max_epochs={trainer.max_epochs}")
+    if trainer.max_steps != -1 and saved.get("global_step", 0) >= trainer.max_steps:
+        reached.append(f"trainer.max_steps={trainer.max_steps}")
+    if reached:
+        run = checkpoint.parent.parent
+        raise UserError(
+            f"{run} has already reached {' and '.join(reached)}: raise it to train on, or "
+            f"evaluate the run with: python eval.py ckpt_path={run}"
+        )
+
+
 def _check_same_settings(
     checkpoint: Path, datamodule: L.LightningDataModule, model: L.LightningModule
 ) -> None:
@@ -185,23 +205,36 @@ def _check_same_settings(
         then[part] = _defaults(type(component)) | then[part]
     for settings in (now, then):
         settings["data"] = {k: v for k, v in settings["data"].items() if k not in DATA_PLACES}
-    differences = [
-        f"{key} is {then_value!r} there, {now_value!r} now"
-        for key, (then_value, now_value) in sorted(_paired(then, now).items())
-        if then_value != now_value
-    ]
+    differences = {
+        key: pair for key, pair in sorted(_paired(then, now).items()) if pair[0] != pair[1]
+    }
     if differences:
-        run_folder = checkpoint.parent.parent
+        listed = "; ".join(
+            f"{key} is {a!r} there, {b!r} now" for key, (a, b) in differences.items()
+        )
+        overrides = checkpoint.parent.parent / ".hydra" / "overrides.yaml"
         raise UserError(
-            f"cannot resume from {checkpoint}: it was trained with other settings ("
-            + "; ".join(differences)
-            + f"). Give the run's own overrides again (see {run_folder}/.hydra/overrides.yaml)"
+            f"cannot resume from {checkpoint}: it was trained with other settings ({listed}). "
+            f"{_how_to_resume(differences)} (the run's overrides: {overrides})"
         )
 
 
 def _defaults(component: type) -> dict[str, Any]:
     parameters = inspect.signature(component.__init__).parameters.values()
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _how_to_resume(differences: dict[str, tuple[Any, Any]]) -> str:
+    """The overrides that give the checkpoint's settings again, where they are plain values
+    of settings that still exist (None now may be a setting the project no longer has)."""
+    scalars = (type(None), bool, int, float, str)
+    plain = [v if isinstance(v, list) else [v] for v, _ in differences.values()]
+    if not all(isinstance(item, scalars) for values in plain for item in values) or any(
+        now is None for _, now in differences.values()
+    ):
+        return "Give the run's own overrides again"
+    overrides = [shlex.quote(f"{key}={json.dumps(then)}") for key, (then, _) in differences.items()]
+    return "Resume with: " + " ".join(overrides)
 
 
 def _paired(then: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple]:

@@ -137,13 +137,28 @@ def test_resuming_with_other_settings_is_refused(
     )
     assert finish(first)[0] == 0
     [run] = (tmp_path / "runs").iterdir()
-    code, output = finish(train_py(data, f"ckpt_path={run}", cache_dir=cache_dir, cwd=tmp_path))
+    records = {name: (run / name).read_text() for name in ("metrics.json", "run_info.json")}
+    code, output = finish(
+        train_py(
+            data, "trainer.max_epochs=2", f"ckpt_path={run}", cache_dir=cache_dir, cwd=tmp_path
+        )
+    )
     assert code == 1
     assert (
-        "it was trained with other settings (model.optimizer.lr is 0.0003 there, 0.001 now)"
-        in output
+        "it was trained with other settings (model.optimizer.lr is 0.0003 there, 0.001 now)."
+        " Resume with: model.optimizer.lr=0.0003 (the run's overrides: " in output
     )
     assert "Traceback" not in output
+    # The same settings, but the run has reached its max_epochs: Lightning would do nothing.
+    code, output = finish(
+        train_py(*SHORT, "trainer.max_epochs=1", data, f"ckpt_path={run}", cache_dir=cache_dir,
+                 cwd=tmp_path)
+    )  # fmt: skip
+    assert code == 1
+    assert f"{run} has already reached trainer.max_epochs=1: raise it to train on" in output
+    assert "Traceback" not in output
+    # Refused resumes leave the run's record as it was.
+    assert records == {name: (run / name).read_text() for name in records}
 
 
 def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
@@ -164,3 +179,14 @@ def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
     other = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16, flip=True)
     with pytest.raises(UserError, match="data.flip is False there, True now"):
         _check_same_settings(path, other, model)
+
+    # An argument the checkpoint's optimizer left out had its default (Adam's `fused`: None).
+    net = {"_target_": "cifar_cnn.nets.SeedCNN"}
+    _check_same_settings(
+        path, datamodule, ImageClassifier(net=net, optimizer=ADAM | {"fused": None})
+    )
+    fused = ImageClassifier(net=net, optimizer=ADAM | {"fused": True})
+    with pytest.raises(UserError) as refused:
+        _check_same_settings(path, datamodule, fused)
+    assert "(model.optimizer.fused is None there, True now). Resume with: " in str(refused.value)
+    assert "Resume with: model.optimizer.fused=null (the run's overrides: " in str(refused.value)
