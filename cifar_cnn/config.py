@@ -64,7 +64,8 @@ def _check_clipping(cfg: DictConfig) -> None:
     optimizer unscales them inside its step); say so before any data is loaded."""
     clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
     precision = str(OmegaConf.select(cfg, "trainer.precision"))
-    if clip and precision in MIXED_PRECISIONS and OmegaConf.select(cfg, "model.optimizer.fused"):
+    clips = isinstance(clip, int | float) and clip > 0  # as Lightning tests it
+    if clips and precision in MIXED_PRECISIONS and OmegaConf.select(cfg, "model.optimizer.fused"):
         raise UserError(
             f"trainer.gradient_clip_val={clip!r} with trainer.precision={precision} needs "
             "model.optimizer.fused=false: Lightning cannot clip a fused optimizer's gradients "
