@@ -4,6 +4,7 @@ import gc
 import inspect
 import json
 import logging
+import math
 import shlex
 import sys
 import time
@@ -70,7 +71,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(model, datamodule, ckpt_path=resume_from, weights_only=True)
         fit_time_s = round(time.perf_counter() - fit_started, 1)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        val_acc_best = float(trainer.callback_metrics["val/acc_best"])
+        # The module's record, not callback_metrics: a run resumed from a checkpoint of its
+        # last batch ends without a validation (Lightning counts that epoch as done).
+        val_acc_best = float(model.val_acc_best.compute())
         # The best checkpoint when there is one; fast_dev_run saves none: test the last weights.
         [test_metrics] = trainer.test(
             model, datamodule, ckpt_path="best" if best else None, weights_only=True
@@ -225,16 +228,25 @@ def _defaults(component: type) -> dict[str, Any]:
 
 
 def _how_to_resume(differences: dict[str, tuple[Any, Any]]) -> str:
-    """The overrides that give the checkpoint's settings again, where they are plain values
-    of settings that still exist (None now may be a setting the project no longer has)."""
-    scalars = (type(None), bool, int, float, str)
-    plain = [v if isinstance(v, list) else [v] for v, _ in differences.values()]
-    if not all(isinstance(item, scalars) for values in plain for item in values) or any(
-        now is None for _, now in differences.values()
-    ):
-        return "Give the run's own overrides again"
-    overrides = [shlex.quote(f"{key}={json.dumps(then)}") for key, (then, _) in differences.items()]
+    """Hydra overrides that give the checkpoint's settings again: `++key=value`, or `~key` where
+    the checkpoint has none (the key came later: its default applies). Plain values only."""
+    overrides = []
+    for key, (then, now) in differences.items():
+        items = then if isinstance(then, list) else [then]
+        if now is None or not all(_plain(item) for item in items):
+            return "Give the run's own overrides again"
+        rendered = f"~{key}" if then is None else f"++{key}={json.dumps(then)}"
+        overrides.append(shlex.quote(rendered))
     return "Resume with: " + " ".join(overrides)
+
+
+def _plain(value: Any) -> bool:
+    """A value that JSON writes as Hydra reads it back."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return value.isascii() and not set(value) & set("\\'\"$")
+    return value is None or isinstance(value, bool | int)
 
 
 def _paired(then: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple]:

@@ -101,26 +101,29 @@ def test_a_killed_run_resumes_in_its_folder_to_exactly_the_same_result(
     assert len(list((run / ".hydra").glob("resumed_*/overrides.yaml"))) == 1
 
 
+@pytest.mark.parametrize("signal_step", [7, 9])  # stops at step 8, and at the last one (10)
 def test_a_run_stopped_mid_epoch_resumes_and_finishes(
-    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, signal_step: int
 ) -> None:
     """Lightning does not call `on_train_epoch_start` when it resumes mid-epoch: the module's
-    epoch figures must not depend on it."""
+    epoch figures must not depend on it. From the last batch's checkpoint Lightning counts the
+    epoch as done and ends without its validation: val/acc_best is the earlier epochs'."""
     overrides = [
         f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
         "trainer.max_epochs=2", "logger.tensorboard=null",
     ]  # fmt: skip
     stopped = compose_config(
         *overrides, f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
-        "+callbacks.interrupt.step=7",
+        f"+callbacks.interrupt.step={signal_step}",
     )  # fmt: skip
     # 5 steps an epoch; GracefulStop, before this callback in the list, stops at the next step.
-    with pytest.raises(StoppedBySignal, match="at step 8 \\(epoch 1\\)"):
+    with pytest.raises(StoppedBySignal, match=f"at step {signal_step + 1} \\(epoch 1\\)"):
         train(stopped)
     run = Path(stopped.paths.output_dir)
 
     metrics = train(compose_config(*overrides, f"ckpt_path={run}"))
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    assert 0 <= metrics["val/acc_best"] <= 1
 
 
 def test_resuming_with_other_settings_is_refused(
@@ -146,7 +149,7 @@ def test_resuming_with_other_settings_is_refused(
     assert code == 1
     assert (
         "it was trained with other settings (model.optimizer.lr is 0.0003 there, 0.001 now)."
-        " Resume with: model.optimizer.lr=0.0003 (the run's overrides: " in output
+        " Resume with: ++model.optimizer.lr=0.0003 (the run's overrides: " in output
     )
     assert "Traceback" not in output
     # The same settings, but the run has reached its max_epochs: Lightning would do nothing.
@@ -189,4 +192,4 @@ def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
     with pytest.raises(UserError) as refused:
         _check_same_settings(path, datamodule, fused)
     assert "(model.optimizer.fused is None there, True now). Resume with: " in str(refused.value)
-    assert "Resume with: model.optimizer.fused=null (the run's overrides: " in str(refused.value)
+    assert "Resume with: '~model.optimizer.fused' (the run's overrides: " in str(refused.value)
