@@ -55,8 +55,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule, model, trainer = build(cfg)
     resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if resume_from:  # checked before the run's files are touched: a refusal loses nothing
-        _check_unfinished(resume_from, trainer)
-        _check_same_settings(resume_from, datamodule, model)
+        saved = read_checkpoint(resume_from)
+        _check_unfinished(saved, resume_from, trainer)
+        _check_same_settings(saved, resume_from, datamodule, model)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: one process writes the run's files
@@ -176,9 +177,8 @@ def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size", "on_device")
 
 
-def _check_unfinished(checkpoint: Path, trainer: L.Trainer) -> None:
+def _check_unfinished(saved: dict[str, Any], checkpoint: Path, trainer: L.Trainer) -> None:
     """Lightning returns at once from a checkpoint at the trainer's limit: say so instead."""
-    saved = read_checkpoint(checkpoint)
     progress = saved.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
     epochs = progress.get("current", {}).get("processed", 0)
     reached = []
@@ -195,10 +195,13 @@ def _check_unfinished(checkpoint: Path, trainer: L.Trainer) -> None:
 
 
 def _check_same_settings(
-    checkpoint: Path, datamodule: L.LightningDataModule, model: L.LightningModule
+    saved: dict[str, Any],
+    checkpoint: Path,
+    datamodule: L.LightningDataModule,
+    model: L.LightningModule,
 ) -> None:
-    """A run resumes with the settings it was trained with, or not at all."""
-    saved = read_checkpoint(checkpoint)
+    """A run resumes with the settings it was trained with (`saved`, read from `checkpoint`),
+    or not at all."""
     now = {"model": dict(model.hparams), "data": dict(datamodule.hparams)}
     then = {
         "model": saved["hyper_parameters"],

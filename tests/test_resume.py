@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from cifar_cnn.callbacks import StoppedBySignal
+from cifar_cnn.checkpoints import read_checkpoint
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
@@ -177,19 +178,19 @@ def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
     old = torch.load(path, weights_only=True)
     del old["hyper_parameters"]["scheduler"], old["datamodule_hyper_parameters"]["flip"]
     torch.save(old, path)
+    saved = read_checkpoint(path)
 
-    _check_same_settings(path, datamodule, model)  # the missing keys had their defaults
+    _check_same_settings(saved, path, datamodule, model)  # the missing keys had their defaults
     other = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16, flip=True)
     with pytest.raises(UserError, match="data.flip is False there, True now"):
-        _check_same_settings(path, other, model)
+        _check_same_settings(saved, path, other, model)
 
     # An argument the checkpoint's optimizer left out had its default (Adam's `fused`: None).
     net = {"_target_": "cifar_cnn.nets.SeedCNN"}
-    _check_same_settings(
-        path, datamodule, ImageClassifier(net=net, optimizer=ADAM | {"fused": None})
-    )
+    unfused = ImageClassifier(net=net, optimizer=ADAM | {"fused": None})
+    _check_same_settings(saved, path, datamodule, unfused)
     fused = ImageClassifier(net=net, optimizer=ADAM | {"fused": True})
     with pytest.raises(UserError) as refused:
-        _check_same_settings(path, datamodule, fused)
+        _check_same_settings(saved, path, datamodule, fused)
     assert "(model.optimizer.fused is None there, True now). Resume with: " in str(refused.value)
     assert "Resume with: '~model.optimizer.fused' (the run's overrides: " in str(refused.value)
