@@ -72,6 +72,24 @@ def test_smoke_run_writes_checkpoints_events_and_metrics(
     assert final.value == pytest.approx(metrics["test/acc"])
 
 
+def test_last_ckpt_is_the_latest_epoch_when_an_earlier_one_was_best(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    """Lightning 2.6 writes ModelCheckpoint's save_last copy only when a best checkpoint is
+    written; a run resumed from that would go back to its best epoch."""
+    cfg = compose_config(
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
+        "trainer.max_epochs=3", "logger.tensorboard=null",
+        "model.optimizer.lr=1e-12",  # the weights barely move: no epoch beats the first
+    )  # fmt: skip
+    metrics = train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    assert metrics["best_checkpoint"] == str(checkpoints / "epoch_000.ckpt")
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 15)  # 5 steps an epoch
+
+
 def test_best_checkpoint_reproduces_the_reported_test_accuracy(
     compose_config: Callable[..., DictConfig], data_dir: Path, cache_dir: Path
 ) -> None:
