@@ -114,22 +114,47 @@ class FiniteLoss(Callback):
 class GracefulStop(Callback):
     """On SIGINT (Ctrl-C) or SIGTERM: finish the batch, save last.ckpt, stop with status 1.
 
+    A signal in an epoch's last batch or its validation stops at the epoch's end instead, with
+    its validation and checkpoints: Lightning would count an epoch saved at its last batch as
+    done and skip that validation on resume, and an end-of-epoch checkpoint resumes exactly.
     A second Ctrl-C stops at once, without saving.
     """
 
     def __init__(self) -> None:
         self._received: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
+        self._stopped_at_epoch_end: str | None = None  # where, for on_train_end's message
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here, not in on_fit_start: Lightning installs its own SIGTERM handler in between.
-        self._received = None
+        self._received = self._stopped_at_epoch_end = None
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._note)
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if self._received is None or batch_idx + 1 == trainer.num_training_batches:
+            return  # an epoch's last batch: on_train_epoch_end stops
+        path = _save_last(trainer)
+        raise self._stopped(f"at step {trainer.global_step} (epoch {trainer.current_epoch})", path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._received is None:
+            return
+        if not _training_ends_after_this_epoch(trainer):
+            epoch, step = trainer.current_epoch, trainer.global_step
+            self._stopped_at_epoch_end = f"at the end of epoch {epoch} (step {step})"
+        # Training ends as by early stopping: the checkpoint callbacks, called after this one,
+        # still save the epoch; then on_train_end saves last.ckpt and raises.
+        trainer.should_stop = True
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
-        if self._received is not None:  # came during the last validation: training is done
+        if self._stopped_at_epoch_end is not None:  # saved after the checkpoint callbacks'
+            raise self._stopped(self._stopped_at_epoch_end, _save_last(trainer))
+        if self._received is not None:  # came during the last epoch's end: training is done
             raise StoppedBySignal(
                 f"stopped by {self._received} at the end of training; its checkpoints are "
                 "complete, the test was not run"
@@ -140,19 +165,10 @@ class GracefulStop(Callback):
     ) -> None:
         self._restore()
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
-    ) -> None:  # fmt: skip
-        if self._received is None:
-            return
-        checkpoint = trainer.checkpoint_callback
-        folder = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
-        path = folder / "last.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)  # all of it: weights, optimizer, loops
-        raise StoppedBySignal(
-            f"stopped by {self._received} at step {trainer.global_step} (epoch "
-            f"{trainer.current_epoch}); saved {path}. Continue with: {_continue_command(path)}"
+    def _stopped(self, where: str, checkpoint: Path) -> StoppedBySignal:
+        return StoppedBySignal(
+            f"stopped by {self._received} {where}; saved {checkpoint}. "
+            f"Continue with: {_continue_command(checkpoint)}"
         )
 
     def _note(self, signum: int, frame: Any) -> None:
@@ -269,6 +285,21 @@ class Lookahead(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._average = list(state_dict["average"])
+
+
+def _save_last(trainer: L.Trainer) -> Path:
+    """Saves all of the run's state (weights, optimizer, loops) as last.ckpt."""
+    checkpoint = trainer.checkpoint_callback
+    folder = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
+    path = folder / "last.ckpt"
+    trainer.save_checkpoint(path, weights_only=False)
+    return path
+
+
+def _training_ends_after_this_epoch(trainer: L.Trainer) -> bool:
+    """At an epoch's end: whether Lightning stops here (max_epochs, max_steps, should_stop)."""
+    last_epoch = trainer.current_epoch + 1 == trainer.max_epochs
+    return last_epoch or trainer.global_step == trainer.max_steps or trainer.should_stop
 
 
 def _continue_command(checkpoint: Path) -> str:

@@ -21,6 +21,8 @@ from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
 from cifar_cnn.training import _check_same_settings, train
 
+from .conftest import compose_in
+
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [
@@ -102,29 +104,67 @@ def test_a_killed_run_resumes_in_its_folder_to_exactly_the_same_result(
     assert len(list((run / ".hydra").glob("resumed_*/overrides.yaml"))) == 1
 
 
-@pytest.mark.parametrize("signal_step", [7, 9])  # stops at step 8, and at the last one (10)
+SIGNALLED = [
+    "data.batch_size=16", "trainer.accelerator=cpu", "trainer.max_epochs=2",
+    "logger.tensorboard=null",
+]  # 5 steps an epoch  # fmt: skip
+
+
+def stop_after(compose_config: Callable[..., DictConfig], step: int, *overrides: str) -> DictConfig:
+    """The SIGNALLED run, Ctrl-C'd at `step`: GracefulStop, before InterruptAtStep in the
+    callbacks, sees it at the next step."""
+    return compose_config(
+        *SIGNALLED, *overrides, f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
+        f"+callbacks.interrupt.step={step}",
+    )  # fmt: skip
+
+
 def test_a_run_stopped_mid_epoch_resumes_and_finishes(
-    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, signal_step: int
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
 ) -> None:
     """Lightning does not call `on_train_epoch_start` when it resumes mid-epoch: the module's
-    epoch figures must not depend on it. From the last batch's checkpoint Lightning counts the
-    epoch as done and ends without its validation: val/acc_best is the earlier epochs'."""
-    overrides = [
-        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
-        "trainer.max_epochs=2", "logger.tensorboard=null",
-    ]  # fmt: skip
-    stopped = compose_config(
-        *overrides, f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
-        f"+callbacks.interrupt.step={signal_step}",
-    )  # fmt: skip
-    # 5 steps an epoch; GracefulStop, before this callback in the list, stops at the next step.
-    with pytest.raises(StoppedBySignal, match=f"at step {signal_step + 1} \\(epoch 1\\)"):
+    epoch figures must not depend on it."""
+    data = f"data.data_dir={tiny_data_dir}"
+    stopped = stop_after(compose_config, 7, data)
+    with pytest.raises(StoppedBySignal, match="at step 8 \\(epoch 1\\); saved "):
         train(stopped)
     run = Path(stopped.paths.output_dir)
 
-    metrics = train(compose_config(*overrides, f"ckpt_path={run}"))
+    metrics = train(compose_config(*SIGNALLED, data, f"ckpt_path={run}"))
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
     assert 0 <= metrics["val/acc_best"] <= 1
+
+
+def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_resumes_exactly(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    """Saved at the last batch, Lightning would count the epoch as done and skip its
+    validation on resume; GracefulStop lets the epoch end first."""
+    data = f"data.data_dir={tiny_data_dir}"
+    stopped = stop_after(compose_config, 4, data)
+    with pytest.raises(StoppedBySignal, match="at the end of epoch 0 \\(step 5\\); saved "):
+        train(stopped)
+    run = Path(stopped.paths.output_dir)
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"epoch_000.ckpt", "last.ckpt"}
+
+    # In the run's own folder, as train.py resumes: ModelCheckpoint keeps its best there.
+    resumed = train(compose_in("train", [*SIGNALLED, data, f"ckpt_path={run}"], run, cache_dir))
+    full = compose_config(*SIGNALLED, data)
+    uninterrupted = train(full)
+    figures = ("status", "epochs", "val/acc_best", "test/acc", "test/loss")
+    assert [resumed[key] for key in figures] == [uninterrupted[key] for key in figures]
+    expected = weights(Path(full.paths.output_dir))
+    assert all(torch.equal(value, weights(run)[key]) for key, value in expected.items())
+
+
+def test_a_signal_in_the_last_batch_ends_training_with_complete_checkpoints(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    stopped = stop_after(compose_config, 9, f"data.data_dir={tiny_data_dir}")
+    with pytest.raises(StoppedBySignal, match="at the end of training; its checkpoints are "):
+        train(stopped)
+    last = torch.load(Path(stopped.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 10)
 
 
 def test_resuming_with_other_settings_is_refused(
