@@ -141,8 +141,8 @@ class GracefulStop(Callback):
         raise self._stopped(f"at step {trainer.global_step} (epoch {trainer.current_epoch})", path)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._received is None:
-            return
+        if self._received is None or not _may_stop_after_this_epoch(trainer):
+            return  # short of min_epochs or min_steps Lightning would go on: the next batch stops
         if not _training_ends_after_this_epoch(trainer):
             epoch, step = trainer.current_epoch, trainer.global_step
             self._stopped_at_epoch_end = f"at the end of epoch {epoch} (step {step})"
@@ -294,6 +294,12 @@ def _save_last(trainer: L.Trainer) -> Path:
     path = folder / "last.ckpt"
     trainer.save_checkpoint(path, weights_only=False)
     return path
+
+
+def _may_stop_after_this_epoch(trainer: L.Trainer) -> bool:
+    """At an epoch's end: whether Lightning honours should_stop (min_epochs and min_steps met)."""
+    min_epochs, min_steps = trainer.min_epochs or 0, trainer.min_steps or 0
+    return trainer.current_epoch + 1 >= min_epochs and trainer.global_step >= min_steps
 
 
 def _training_ends_after_this_epoch(trainer: L.Trainer) -> bool:

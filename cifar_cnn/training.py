@@ -72,8 +72,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(model, datamodule, ckpt_path=resume_from, weights_only=True)
         fit_time_s = round(time.perf_counter() - fit_started, 1)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        # The module's record, not callback_metrics: a run resumed from a checkpoint of its
-        # last batch ends without a validation (Lightning counts that epoch as done).
+        # The module's record, not callback_metrics: a run resumed from a checkpoint of an
+        # epoch's last batch (GracefulStop saved those before it let such an epoch end) ends
+        # without a validation (Lightning counts that epoch as done).
         val_acc_best = float(model.val_acc_best.compute())
         # The best checkpoint when there is one; fast_dev_run saves none: test the last weights.
         [test_metrics] = trainer.test(

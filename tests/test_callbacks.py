@@ -69,10 +69,11 @@ def test_a_signal_saves_last_ckpt_and_exits_non_zero(
         output = process.stdout.read()
         assert process.wait(timeout=120) == 1, output
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert f"stopped by {signum.name} at step" in output and f"saved {last}" in output
+    # Mid-epoch; or at the first epoch's end, when the signal beats GracefulStop's hook there.
+    assert f"stopped by {signum.name} at " in output and f"saved {last}" in output
     assert "Traceback" not in output
     checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint["global_step"] > 100  # mid-epoch, after the first epoch's end
+    assert checkpoint["global_step"] >= 100  # after the first epoch's 100 steps
     assert not list(run_dir.glob("checkpoints/*.tmp"))
 
 

@@ -157,6 +157,23 @@ def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_resumes
     assert all(torch.equal(value, weights(run)[key]) for key, value in expected.items())
 
 
+def test_short_of_min_epochs_a_signal_stops_at_the_first_epoch_end_that_may_stop(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    """Lightning ignores should_stop before min_epochs (with longer epochs, the next batch
+    that is not an epoch's last stops)."""
+    stopped = compose_config(
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
+        "trainer.max_epochs=5", "+trainer.min_epochs=3", "+trainer.limit_train_batches=1",
+        "logger.tensorboard=null", f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
+        "+callbacks.interrupt.step=1",
+    )  # fmt: skip
+    with pytest.raises(StoppedBySignal, match="at the end of epoch 2 \\(step 3\\); saved "):
+        train(stopped)
+    last = torch.load(Path(stopped.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 3
+
+
 def test_a_signal_in_the_last_batch_ends_training_with_complete_checkpoints(
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path
 ) -> None:
