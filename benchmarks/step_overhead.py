@@ -6,7 +6,8 @@ machine drifts):
 1. Lightning's own loop: a one-layer model (Linear 4 -> 2, batches of one row of 4 numbers, on
    the device) trained by a plain loop and by a bare `Trainer` (no logger, checkpoints,
    progress bar or callbacks): what Lightning's hooks cost a step when there is no compute
-   to hide them.
+   to hide them; and by the same `Trainer` with manual optimization (the training step calls
+   zero_grad, manual_backward and step itself), which skips the automatic loop's closure.
 2. The project's seed config (or any overrides): `train_speed.py`'s plain loop, and its
    project path three ways: data on the device (`data.on_device=true`), through the
    DataLoader, and data on the device with the module's per-step bookkeeping left out
@@ -22,6 +23,7 @@ The last line printed is one JSON object (microseconds per step; also written to
 
 import argparse
 import copy
+import functools
 import logging
 import sys
 import time
@@ -84,6 +86,22 @@ class _OneLayer(L.LightningModule):
         return torch.optim.Adam(self.parameters())
 
 
+class _OneLayerManual(_OneLayer):
+    """The one-layer model under Lightning's manual optimization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
 def one_layer_plain(rows: _Rows, device: torch.device) -> float:
     layer = torch.nn.Linear(4, 2).to(device)
     optimizer = torch.optim.Adam(layer.parameters())
@@ -97,7 +115,7 @@ def one_layer_plain(rows: _Rows, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def one_layer_lightning(rows: _Rows, device: torch.device) -> float:
+def one_layer_lightning(rows: _Rows, device: torch.device, manual: bool = False) -> float:
     timer = train_speed.EpochTimer()
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -109,7 +127,7 @@ def one_layer_lightning(rows: _Rows, device: torch.device) -> float:
         enable_model_summary=False,
         callbacks=[timer],
     )
-    trainer.fit(_OneLayer(), rows)
+    trainer.fit(_OneLayerManual() if manual else _OneLayer(), rows)
     [seconds] = timer.epoch_times
     return seconds
 
@@ -160,6 +178,7 @@ def main() -> None:
         for name, run in (
             ("one_layer_plain", one_layer_plain),
             ("one_layer_lightning", one_layer_lightning),
+            ("one_layer_manual", functools.partial(one_layer_lightning, manual=True)),
         ):
             figures.setdefault(name, []).append(run(rows, device) / ROWS)
         for variant in ("plain", "on_device", "dataloader", "bare_step"):
@@ -181,7 +200,8 @@ def main() -> None:
         print(f"{name:22s} {value:9.1f}")
     print(
         f"Lightning's loop: {mean['one_layer_lightning'] - mean['one_layer_plain']:.1f} us a "
-        f"step; the module's bookkeeping: {mean['on_device'] - mean['bare_step']:.1f} us; "
+        f"step ({mean['one_layer_manual'] - mean['one_layer_plain']:.1f} with manual "
+        f"optimization); the module's bookkeeping: {mean['on_device'] - mean['bare_step']:.1f} us; "
         f"project/plain {mean['on_device'] / mean['plain']:.3f} (data on the device), "
         f"{mean['dataloader'] / mean['plain']:.3f} (DataLoader)"
     )
