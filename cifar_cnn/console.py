@@ -24,8 +24,7 @@ def silence_known_noise() -> None:
     # optuna 2.10 (the Hydra sweeper's) uses SQLAlchemy 1.4 APIs, pinned below 2 in pyproject.toml;
     # SQLAlchemy's own switch for its "not compatible with 2.0" notice, read when it is imported.
     os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     # An advertisement for a hosted service, printed at every Trainer start.
-    rank_zero.addFilter(_DropMessages("💡 Tip"))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip"))
     # Two ModelCheckpoints (the best; last.ckpt): "best" is the first's, as train.py intends.
     warnings.filterwarnings("ignore", message=r'.*ckpt_path="best"\)` is called with Trainer')
