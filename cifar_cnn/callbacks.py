@@ -1,6 +1,7 @@
 """Lightning callbacks of this project."""
 
 import logging
+import os
 import shlex
 import signal
 import time
@@ -206,6 +207,45 @@ class RandomState(Callback):
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MovedRunFolder(Callback):
+    """Resuming a run in its folder after the folder was moved or copied (to another disk or
+    machine): rewrites its checkpoint callbacks' records (best and last files, best-k scores)
+    from the old folder to the new one before they are loaded. Lightning drops those records
+    when the folder differs: the best epoch so far would be forgotten, the next one tested
+    instead, and the old best file left behind."""
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks", {})
+        resumed_from = Path(os.path.realpath(trainer.ckpt_path)).parent
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key)
+            if not state or state.get("dirpath") in (None, callback.dirpath):
+                continue
+            if callback.dirpath and Path(callback.dirpath) == resumed_from:  # the run's own
+                states[callback.state_key] = _moved(state, state["dirpath"], callback.dirpath)
+
+
+def _moved(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """A ModelCheckpoint's state with the paths under `old` moved to `new`."""
+
+    def move(path: str) -> str:
+        return (
+            str(Path(new) / Path(path).relative_to(old)) if Path(path).is_relative_to(old) else path
+        )
+
+    return state | {
+        "dirpath": new,
+        "best_model_path": move(state["best_model_path"]),
+        "kth_best_model_path": move(state.get("kth_best_model_path", "")),
+        "last_model_path": move(state.get("last_model_path", "")),
+        "best_k_models": {
+            move(path): score for path, score in state.get("best_k_models", {}).items()
+        },
+    }
 
 
 class WhitenStem(Callback):

@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -182,6 +184,27 @@ def test_a_signal_in_the_last_batch_ends_training_with_complete_checkpoints(
         train(stopped)
     last = torch.load(Path(stopped.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (1, 10)
+
+
+def test_a_moved_run_folder_resumes_with_its_best_checkpoint(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    overrides = [
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
+        "logger.tensorboard=null", "model.optimizer.lr=1e-12",  # no epoch beats the first
+    ]  # fmt: skip
+    first = compose_config(*overrides, "trainer.max_epochs=1")
+    train(first)
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(first.paths.output_dir, moved)
+
+    resumed = [*overrides, "trainer.max_epochs=3", f"ckpt_path={moved}"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The dirpath has changed")
+        metrics = train(compose_in("train", resumed, moved, cache_dir))
+    checkpoints = moved / "checkpoints"
+    assert metrics["best_checkpoint"] == str(checkpoints / "epoch_000.ckpt")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
 
 
 def test_resuming_with_other_settings_is_refused(
