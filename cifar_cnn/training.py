@@ -8,6 +8,7 @@ import math
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,7 +68,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # Log lines print above progress bars instead of through them. Checkpoints are loaded
     # weights-only: no code in them runs (ours hold plain values only).
-    with logging_redirect_tqdm(), _sigterm_stops():
+    with logging_redirect_tqdm(), _sigterm_stops(), warnings.catch_warnings():
+        if resume_from:  # the run's own checkpoints are in its folder, as they should be
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
         fit_started = time.perf_counter()
         trainer.fit(model, datamodule, ckpt_path=resume_from, weights_only=True)
         fit_time_s = round(time.perf_counter() - fit_started, 1)
