@@ -332,10 +332,17 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def _layout(self) -> str:
         """Which layout data_dir holds; downloads the torchvision batches when allowed."""
-        if (self.data_dir / "train").is_dir() and (self.data_dir / "test").is_dir():
+        splits = {split: (self.data_dir / split).is_dir() for split in ("train", "test")}
+        if all(splits.values()):
             return "folders"
         if (self.data_dir / TORCHVISION_FOLDER).is_dir():
             return "torchvision"
+        if any(splits.values()):  # half an image-folder tree: not a reason to download
+            [missing] = [split for split, present in splits.items() if not present]
+            raise DataNotFoundError(
+                f"{self.data_dir / missing} is missing: an image-folder data set needs both "
+                f"train/ and test/ under {self.data_dir}"
+            )
         if not self.hparams.download:
             raise DataNotFoundError(_missing_data_message(self.data_dir))
         try:
@@ -385,16 +392,22 @@ class CIFAR10DataModule(L.LightningDataModule):
                 (entry for entry in os.scandir(class_dir) if entry.is_file()),
                 key=lambda entry: entry.name,
             )
+            images, others = [], []
             for entry in entries:
                 is_image = _suffix(entry.name).lower() in IMAGE_SUFFIXES
-                (files if is_image else skipped).append((entry.path, label))
+                (images if is_image else others).append(entry.path)
+            if not images:
+                raise DataNotFoundError(
+                    f"class folder {class_dir} holds no images (files ending in "
+                    f"{', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
+            files += [(path, label) for path in images]
+            skipped += others
         if skipped:
             log.warning(
                 "skipped %d files under %s that are not images by their suffix, e.g. %s",
-                len(skipped), split_dir, skipped[0][0],
+                len(skipped), split_dir, skipped[0],
             )  # fmt: skip
-        if not files:
-            raise DataNotFoundError(f"no image files under {split_dir}")
         return files
 
     def _decode_source(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -449,6 +462,12 @@ def _suffix(name: str) -> str:
 def _decode(path: str) -> Tensor:
     try:
         with Image.open(path) as image:
+            if image.mode in ("I", "F") or image.mode.startswith("I;"):
+                # convert("RGB") would clip these to 255, not scale them.
+                raise UserError(
+                    f"image {path} has {image.mode} pixels (16 or 32 bits): CIFAR-10's are "
+                    "8-bit RGB; convert it to 8 bits"
+                )
             pixels = np.array(image.convert("RGB"))
     except OSError as error:  # PIL's error for unreadable, truncated and non-image files
         raise UserError(f"cannot decode image {path}: {error}") from error

@@ -199,16 +199,38 @@ def test_images_of_another_size_stop_the_run_and_grayscale_ones_are_converted(
         ready(tiny_data_dir, tmp_path / "cache")
 
 
-def test_unknown_class_folders_and_empty_splits_are_named(
+def test_unknown_class_folders_and_empty_class_folders_are_named(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     (tiny_data_dir / "train" / "airplanes").mkdir()
     with pytest.raises(UserError, match="folders that are not CIFAR-10 classes: airplanes"):
         ready(tiny_data_dir, tmp_path / "cache")
     (tiny_data_dir / "train" / "airplanes").rmdir()
-    for image in (tiny_data_dir / "test").rglob("*.jpg"):
+    for image in (tiny_data_dir / "test" / "cat").iterdir():
         image.unlink()
-    with pytest.raises(DataNotFoundError, match=f"no image files under {tiny_data_dir / 'test'}"):
+    (tiny_data_dir / "test" / "cat" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(DataNotFoundError, match="test/cat holds no images"):
+        ready(tiny_data_dir, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("present", ["train", "test"])
+def test_half_an_image_folder_tree_is_named_not_downloaded_over(
+    present: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = make_image_folder(tmp_path / "data", {present: 1})
+    monkeypatch.setattr(CIFAR10, "__init__", lambda *args, **kwargs: pytest.fail("downloads"))
+    missing = {"train": "test", "test": "train"}[present]
+    with pytest.raises(DataNotFoundError, match=f"{data_dir / missing} is missing"):
+        ready(data_dir, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_images_deeper_than_8_bits_are_refused_not_clipped(
+    mode: str, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    deep = tiny_data_dir / "train" / "horse" / "0010.tiff"
+    Image.new(mode, (32, 32), 9000).save(deep)  # convert("RGB") made every pixel 255
+    with pytest.raises(UserError, match=f"image {deep} has {mode} pixels"):
         ready(tiny_data_dir, tmp_path / "cache")
 
 
