@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -92,14 +92,25 @@ class EpochPermutation(IndexOrder):
     every process of a distributed run takes as many steps. One process: the whole order.
 
     Lightning calls `set_epoch` before each epoch, on a DataLoader's sampler and on the
-    `sampler` of any other iterable.
+    `sampler` of any other iterable. `trained()`, asked as the epoch's batches begin, says how
+    many of its indices were trained on before a resume: they are left out, so that a run
+    resumed mid-epoch goes on with the epoch's next batch (Lightning restores its count of the
+    epoch's batches, not the loader's place).
     """
 
-    def __init__(self, count: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        count: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        trained: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.count = count
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.trained = trained
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -107,7 +118,7 @@ class EpochPermutation(IndexOrder):
 
     def order(self) -> Tensor:
         shard = epoch_order(self.count, self.seed, self.epoch)[self.rank :: self.world_size]
-        return shard[: len(self)]  # (count // world_size,) int64
+        return shard[self.trained() : len(self)]  # (count // world_size - trained,) int64
 
     def __len__(self) -> int:
         return self.count // self.world_size
@@ -158,7 +169,11 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels = self.dataset.images, self.dataset.labels
         order = None if self.sampler is None else self.sampler.order().to(images.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        count = len(images if order is None else order)  # less than len(sampler) on a resume
+        batches = (
+            (count // self.batch_size) if self.drop_last else math.ceil(count / self.batch_size)
+        )
+        for start in range(0, batches * self.batch_size, self.batch_size):
             index = slice(start, start + self.batch_size)
             if order is not None:
                 index = order[index]
@@ -256,8 +271,18 @@ class CIFAR10DataModule(L.LightningDataModule):
         dataset = self._require(self.data_train)
         seed = self.hparams.shuffle_seed
         seed = torch.initial_seed() if seed is None else seed
-        sampler = EpochPermutation(len(dataset), seed, *self._rank_and_world_size)
+        sampler = EpochPermutation(
+            len(dataset), seed, *self._rank_and_world_size, trained=self._trained_this_epoch
+        )
         return self._batches("data_train", self.hparams.batch_size, sampler)
+
+    def _trained_this_epoch(self) -> int:
+        """How many of this process's training images of the current epoch the run trained on:
+        none, but in a run resumed mid-epoch."""
+        if self.trainer is None:
+            return 0
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return batches * self.hparams.batch_size
 
     def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._batches("data_val", self.hparams.eval_batch_size, self._shard("data_val"))
@@ -293,6 +318,10 @@ class CIFAR10DataModule(L.LightningDataModule):
             sampler=sampler,
             drop_last=drop_last,
             collate_fn=default_convert,  # __getitems__ already returns whole batches
+            # Its own generator: otherwise each iter() draws a (workers') seed from torch's
+            # global one, which dropout and augmentation draw from too, and a run resumed
+            # mid-epoch, whose iter() comes after the saved state, would draw once more.
+            generator=torch.Generator(),
         )
 
     @staticmethod

@@ -91,17 +91,32 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         # Lightning skips on_train_epoch_start when it resumes a run mid-epoch: that epoch's
-        # figures then cover the batches after the resume.
-        self._reset_epoch_figures()
+        # figures go on from the checkpoint's.
+        self._reset_epoch_figures(**vars(self).pop("_resumed_epoch_figures", {}))
 
     def on_train_epoch_start(self) -> None:
         self._reset_epoch_figures()
 
-    def _reset_epoch_figures(self) -> None:
+    def _reset_epoch_figures(
+        self, loss_sum: float = 0.0, correct: int = 0, batches: int = 0, images: int = 0
+    ) -> None:
         """The epoch's training figures, summed on the device step by step (training_step)."""
-        self._epoch_loss_sum = torch.zeros((), device=self.device)
-        self._epoch_correct = torch.zeros((), dtype=torch.long, device=self.device)
-        self._epoch_batches = self._epoch_images = 0
+        self._epoch_loss_sum = torch.tensor(loss_sum, device=self.device)
+        self._epoch_correct = torch.tensor(correct, dtype=torch.long, device=self.device)
+        self._epoch_batches, self._epoch_images = batches, images
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The epoch's figures so far, for a run resumed mid-epoch (DDP: the first process's)."""
+        if hasattr(self, "_epoch_loss_sum"):  # once training has started
+            checkpoint["epoch_figures"] = {
+                "loss_sum": float(self._epoch_loss_sum),
+                "correct": int(self._epoch_correct),
+                "batches": self._epoch_batches,
+                "images": self._epoch_images,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_epoch_figures = checkpoint.get("epoch_figures", {})
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """The loss of one batch. Its figures reach the loggers at the steps where Lightning

@@ -71,6 +71,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with logging_redirect_tqdm(), _sigterm_stops(), warnings.catch_warnings():
         if resume_from:  # the run's own checkpoints are in its folder, as they should be
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
+            # Our training batches go on from Lightning's restored count (EpochPermutation).
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that")
         fit_started = time.perf_counter()
         trainer.fit(model, datamodule, ckpt_path=resume_from, weights_only=True)
         fit_time_s = round(time.perf_counter() - fit_started, 1)

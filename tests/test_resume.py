@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -136,6 +137,55 @@ def test_a_run_stopped_mid_epoch_resumes_and_finishes(
     metrics = train(compose_config(*SIGNALLED, data, f"ckpt_path={run}"))
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
     assert 0 <= metrics["val/acc_best"] <= 1
+
+
+class RecordTraining(L.Callback):
+    """Appends each step's number and batch labels, and each epoch's training figures, to the
+    file `to`."""
+
+    def __init__(self, to: str) -> None:
+        self.to = Path(to)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._write(f"{trainer.global_step} {batch[1].tolist()}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        self._write(f"{metrics['train/loss_epoch'].item()} {metrics['train/acc_epoch'].item()}")
+
+    def _write(self, line: str) -> None:
+        with self.to.open("a") as record:
+            record.write(line + "\n")
+
+
+@pytest.mark.parametrize(
+    "data", ["data=cifar10", "data=cifar10_gpu", "experiment=seed_augmented"]
+)  # with a schedule, the data module's loader is set up before the checkpoint is loaded
+def test_a_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
+    data: str, compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The epoch goes on with its next batch, the same random flips and the same figures."""
+    run = [data, f"data.data_dir={tiny_data_dir}", "data.flip=true"]
+    record = f"+callbacks.record._target_={__name__}.RecordTraining"
+    cut_record = f"+callbacks.record.to={tmp_path / 'cut'}"
+    stopped = stop_after(compose_config, 6, *run, record, cut_record)
+    with pytest.raises(StoppedBySignal, match="at step 7 \\(epoch 1\\)"):
+        train(stopped)
+    folder = Path(stopped.paths.output_dir)
+    resumed = [*SIGNALLED, *run, record, cut_record]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="You're resuming from a checkpoint that ended")
+        cut = train(compose_in("train", [*resumed, f"ckpt_path={folder}"], folder, cache_dir))
+    full = compose_config(*SIGNALLED, *run, record, f"+callbacks.record.to={tmp_path / 'full'}")
+    uninterrupted = train(full)
+    assert (tmp_path / "cut").read_text() == (tmp_path / "full").read_text()
+    figures = ("val/acc_best", "test/acc", "test/loss")
+    assert [cut[key] for key in figures] == [uninterrupted[key] for key in figures]
+    expected, got = weights(Path(full.paths.output_dir)), weights(folder)
+    assert all(torch.equal(value, got[key]) for key, value in expected.items())
 
 
 def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_resumes_exactly(

@@ -110,6 +110,23 @@ def test_same_seed_same_metrics(compose_config: Callable[..., DictConfig], data_
     assert {k: first[k] for k in FIGURES} == {k: second[k] for k in FIGURES}
 
 
+def test_both_data_paths_train_to_the_same_weights(
+    compose_config: Callable[..., DictConfig], data_dir: Path
+) -> None:
+    """The same batches, and the same random draws for augmentation and dropout."""
+    runs = [
+        compose_config(*FEW_BATCHES, f"data={data}", f"data.data_dir={data_dir}", "data.flip=true")
+        for data in ("cifar10", "cifar10_gpu")
+    ]
+    figures = [train(cfg) for cfg in runs]
+    assert {k: figures[0][k] for k in FIGURES} == {k: figures[1][k] for k in FIGURES}
+    first, second = (
+        torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["state_dict"]
+        for cfg in runs
+    )
+    assert all(torch.equal(value, second[key]) for key, value in first.items())
+
+
 def test_train_py_runs_quietly_and_saves_its_config(
     data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
