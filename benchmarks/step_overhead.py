@@ -7,7 +7,11 @@ machine drifts):
    the device) trained by a plain loop and by a bare `Trainer` (no logger, checkpoints,
    progress bar or callbacks): what Lightning's hooks cost a step when there is no compute
    to hide them; and by the same `Trainer` with manual optimization (the training step calls
-   zero_grad, manual_backward and step itself), which skips the automatic loop's closure.
+   zero_grad, manual_backward and step itself), which skips the automatic loop's closure;
+   and manual optimization with GROUPED optimizer steps per batch (Keras's
+   `steps_per_execution`): the batch holds that many rows, one step each, so Lightning's
+   per-batch work is shared by that many steps and only the optimizer's and backward's
+   wrappers are paid every step.
 2. The project's seed config (or any overrides): `train_speed.py`'s plain loop, and its
    project path three ways: data on the device (`data.on_device=true`), through the
    DataLoader, and data on the device with the module's per-step bookkeeping left out
@@ -46,6 +50,7 @@ from cifar_cnn.memory import keep_freed_memory  # noqa: E402
 from cifar_cnn.module import ImageClassifier  # noqa: E402
 
 ROWS = 3000  # steps of the one-layer loop
+GROUPED = 8  # steps per batch in `one_layer_grouped`
 
 
 class BareTrainingStep(ImageClassifier):
@@ -62,15 +67,16 @@ class _Rows:
     sampler = None
     batch_sampler = None
 
-    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
-        self.inputs, self.targets = inputs, targets
+    def __init__(self, inputs: Tensor, targets: Tensor, rows_per_batch: int = 1) -> None:
+        self.inputs, self.targets, self.rows_per_batch = inputs, targets, rows_per_batch
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(self.inputs) // self.rows_per_batch
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for i in range(len(self.inputs)):
-            yield self.inputs[i : i + 1], self.targets[i : i + 1]
+        for i in range(0, len(self) * self.rows_per_batch, self.rows_per_batch):
+            rows = slice(i, i + self.rows_per_batch)
+            yield self.inputs[rows], self.targets[rows]
 
 
 class _OneLayer(L.LightningModule):
@@ -102,6 +108,16 @@ class _OneLayerManual(_OneLayer):
         return loss
 
 
+class _OneLayerGrouped(_OneLayerManual):
+    """Manual optimization, one optimizer step for each row of the batch."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        for i in range(len(inputs)):
+            loss = super().training_step((inputs[i : i + 1], targets[i : i + 1]), batch_idx)
+        return loss
+
+
 def one_layer_plain(rows: _Rows, device: torch.device) -> float:
     layer = torch.nn.Linear(4, 2).to(device)
     optimizer = torch.optim.Adam(layer.parameters())
@@ -115,7 +131,7 @@ def one_layer_plain(rows: _Rows, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def one_layer_lightning(rows: _Rows, device: torch.device, manual: bool = False) -> float:
+def one_layer_lightning(rows: _Rows, device: torch.device, module: type = _OneLayer) -> float:
     timer = train_speed.EpochTimer()
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -127,7 +143,10 @@ def one_layer_lightning(rows: _Rows, device: torch.device, manual: bool = False)
         enable_model_summary=False,
         callbacks=[timer],
     )
-    trainer.fit(_OneLayerManual() if manual else _OneLayer(), rows)
+    if module is _OneLayerGrouped:
+        rows = _Rows(rows.inputs, rows.targets, rows_per_batch=GROUPED)
+    trainer.fit(module(), rows)
+    assert trainer.global_step == ROWS, "each path takes one optimizer step per row"
     [seconds] = timer.epoch_times
     return seconds
 
@@ -178,7 +197,11 @@ def main() -> None:
         for name, run in (
             ("one_layer_plain", one_layer_plain),
             ("one_layer_lightning", one_layer_lightning),
-            ("one_layer_manual", functools.partial(one_layer_lightning, manual=True)),
+            ("one_layer_manual", functools.partial(one_layer_lightning, module=_OneLayerManual)),
+            (
+                "one_layer_grouped",
+                functools.partial(one_layer_lightning, module=_OneLayerGrouped),
+            ),
         ):
             figures.setdefault(name, []).append(run(rows, device) / ROWS)
         for variant in ("plain", "on_device", "dataloader", "bare_step"):
@@ -201,7 +224,9 @@ def main() -> None:
     print(
         f"Lightning's loop: {mean['one_layer_lightning'] - mean['one_layer_plain']:.1f} us a "
         f"step ({mean['one_layer_manual'] - mean['one_layer_plain']:.1f} with manual "
-        f"optimization); the module's bookkeeping: {mean['on_device'] - mean['bare_step']:.1f} us; "
+        f"optimization, {mean['one_layer_grouped'] - mean['one_layer_plain']:.1f} with "
+        f"{GROUPED} steps a batch); the module's bookkeeping: "
+        f"{mean['on_device'] - mean['bare_step']:.1f} us; "
         f"project/plain {mean['on_device'] / mean['plain']:.3f} (data on the device), "
         f"{mean['dataloader'] / mean['plain']:.3f} (DataLoader)"
     )

@@ -78,8 +78,8 @@ def test_step_overhead_smoke_run_times_each_path(
         "--output", str(output), f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
     )  # fmt: skip
     assert summary == json.loads(output.read_text())
-    paths = ["one_layer_plain", "one_layer_lightning", "one_layer_manual", "plain", "on_device",
-             "dataloader", "bare_step"]  # fmt: skip
+    paths = ["one_layer_plain", "one_layer_lightning", "one_layer_manual", "one_layer_grouped",
+             "plain", "on_device", "dataloader", "bare_step"]  # fmt: skip
     assert list(summary["us_per_step"]) == paths
     assert all(len(times) == 1 and times[0] > 0 for times in summary["us_per_step"].values())
     assert "Lightning's loop:" in stdout and "project/plain" in stdout
