@@ -6,6 +6,7 @@ plain values, so opening one runs no code from it. Ours need nothing more.
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,19 @@ def resume_checkpoint(path: str | Path) -> Path:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The content of an ImageClassifier checkpoint, read weights-only."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    # torch.save writes zip archives; on other files (a config, a CSV) the unpickler fails with
+    # a KeyError or IndexError that names nothing.
+    if not zipfile.is_zipfile(path):
+        raise UserError(
+            f"{path} is not a checkpoint file: torch.save writes zip archives, and this is none "
+            "(or one cut short)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        reason = str(error).splitlines()[0]
-        raise UserError(f"{path} is not a readable checkpoint ({reason})") from error
+        raise UserError(f"{path} is not a readable checkpoint ({_reason(error)})") from error
     hyperparameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hyperparameters, dict) or not {"net", "optimizer"} <= hyperparameters.keys():
         raise UserError(f"{path} is not a checkpoint of cifar_cnn's ImageClassifier")
@@ -94,3 +103,11 @@ def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
         reason = str(error).splitlines()[0]
         raise UserError(f"{path} does not load as the model it describes ({reason})") from error
     return model.eval(), checkpoint.get("datamodule_hyper_parameters", {})
+
+
+def _reason(error: Exception) -> str:
+    """The line of torch's message that says why: which class the weights-only unpickler
+    refused, if that was it (not torch's advice to load the file unsafely)."""
+    lines = str(error).splitlines()
+    refused = [line.strip() for line in lines if "WeightsUnpickler error" in line]
+    return (refused or lines or [type(error).__name__])[0]

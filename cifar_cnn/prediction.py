@@ -33,9 +33,12 @@ def load_image_file(path: Path) -> Tensor:
     """An image file as a uint8 (3, 32, 32) tensor, like the CIFAR-10 training images.
 
     Honours EXIF rotation, puts transparent images on white, and crops the centre square
-    before resizing, so that nothing is stretched. Raises OSError for non-images.
+    before resizing, so that nothing is stretched. Raises OSError for non-images, ValueError
+    for images of more than 8 bits a channel.
     """
     with Image.open(path) as image:
+        if image.mode in ("I", "F") or image.mode.startswith("I;"):  # convert() would clip
+            raise ValueError(f"{image.mode} pixels (16 or 32 bits); convert it to 8 bits")
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             white = Image.new("RGBA", image.size, "white")

@@ -32,6 +32,13 @@ def test_grayscale_and_palette_images_become_rgb(tmp_path: Path) -> None:
     assert (pixels(tmp_path / "palette.gif") == (0, 0, 255)).all()
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_images_deeper_than_8_bits_are_refused_not_clipped(mode: str, tmp_path: Path) -> None:
+    Image.new(mode, (32, 32), 9000).save(tmp_path / "deep.tiff")  # convert("RGB") gave 255s
+    with pytest.raises(ValueError, match=f"{mode} pixels"):
+        load_image_file(tmp_path / "deep.tiff")
+
+
 def test_other_sizes_are_centre_cropped_not_stretched(tmp_path: Path) -> None:
     image = Image.new("RGB", (300, 100), "red")
     image.paste((0, 255, 0), (100, 0, 200, 100))  # the centre square is green
