@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,25 @@ class SweepSummary(Callback):
 
     def __init__(self, fail_on_incomplete_jobs: bool = True) -> None:
         self.fail_on_incomplete_jobs = fail_on_incomplete_jobs
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep folder (`hydra.sweep.dir`) holds one sweep: the same command again goes on
+        with it (its completed jobs keep their figures, the others continue from their last
+        checkpoints); another sweep there would mix its jobs with the first's, and Hydra
+        would rewrite their records."""
+        earlier = Path(config.hydra.sweep.dir) / "multirun.yaml"
+        if not earlier.is_file():
+            return
+        before = set(OmegaConf.load(earlier).hydra.overrides.task)
+        now = set(config.hydra.overrides.task)
+        if before != now:
+            log.error(
+                "%s holds another sweep (there: %s; here: %s): sweep into a new folder, or "
+                "give that sweep's overrides to go on with it",
+                earlier.parent, " ".join(sorted(before - now)) or "-",
+                " ".join(sorted(now - before)) or "-",
+            )  # fmt: skip
+            sys.exit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rows = write_summary(Path(config.hydra.sweep.dir))

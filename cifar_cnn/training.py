@@ -57,8 +57,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if resume_from:  # checked before the run's files are touched: a refusal loses nothing
         saved = read_checkpoint(resume_from)
-        _check_unfinished(saved, resume_from, trainer)
         _check_same_settings(saved, resume_from, datamodule, model)
+        _check_unfinished(saved, resume_from, trainer)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: one process writes the run's files
@@ -128,6 +128,11 @@ def train_in_sweep(cfg: DictConfig) -> float:
         log.error("%s", error)
         sys.exit(1)
     except Exception as error:
+        recorded = _completed_record(cfg)
+        if isinstance(error, RunFinished) and recorded is not None:
+            # Requeued, or its sweep run again, after it completed with these settings.
+            log.info("This job's run completed before, with these settings: its figures stand")
+            return recorded[cfg.optimized_metric]
         _record_failure(cfg, "failed", error)
         log.error("this job failed: %s", error, exc_info=not isinstance(error, UserError))
         gc.collect()  # let the failed job's tensors go before the next job starts
@@ -149,12 +154,22 @@ def _ddp_processes_join_this_job(cfg: DictConfig) -> None:
 
 
 def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
-    if rank_zero_only.rank != 0:
+    """The job's metrics.json says it failed or stopped; a completed run's record is kept."""
+    if rank_zero_only.rank != 0 or _completed_record(cfg) is not None:
         return
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     record = {"status": status, "error": f"{type(error).__name__}: {error}"}
     (output_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _completed_record(cfg: DictConfig) -> dict[str, Any] | None:
+    """The metrics.json of the run in cfg's folder, if that run completed."""
+    try:
+        record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("status") == "completed" else None
 
 
 @contextmanager
@@ -183,6 +198,10 @@ def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size", "on_device")
 
 
+class RunFinished(UserError):
+    """A run asked to go on from a checkpoint at the trainer's limit."""
+
+
 def _check_unfinished(saved: dict[str, Any], checkpoint: Path, trainer: L.Trainer) -> None:
     """Lightning returns at once from a checkpoint at the trainer's limit: say so instead."""
     progress = saved.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
@@ -194,7 +213,7 @@ def _check_unfinished(saved: dict[str, Any], checkpoint: Path, trainer: L.Traine
         reached.append(f"trainer.max_steps={trainer.max_steps}")
     if reached:
         run = checkpoint.parent.parent
-        raise UserError(
+        raise RunFinished(
             f"{run} has already reached {' and '.join(reached)}: raise it to train on, or "
             f"evaluate the run with: python eval.py ckpt_path={run}"
         )

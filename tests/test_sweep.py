@@ -66,6 +66,28 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(
     assert f"| 1 | {swept('1')} |" in (sweep / "summary.md").read_text()
 
 
+def test_a_sweep_run_again_keeps_its_completed_jobs_and_its_folder_refuses_another(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    command = ("model.optimizer.lr=3e-4", "trainer.max_epochs=1")
+    assert run_sweep(sweep, tiny_data_dir, cache_dir, *command).returncode == 0
+    job = {path.name: path.read_bytes() for path in (sweep / "0").rglob("*") if path.is_file()}
+
+    again = run_sweep(sweep, tiny_data_dir, cache_dir, *command)
+    assert again.returncode == 0, again.stdout
+    assert "completed before, with these settings: its figures stand" in again.stdout
+    assert (sweep / "0" / "metrics.json").read_bytes() == job["metrics.json"]
+
+    other = run_sweep(sweep, tiny_data_dir, cache_dir, "model.optimizer.lr=1e-3", command[1])
+    output = other.stdout + other.stderr
+    assert other.returncode == 1 and "Traceback" not in output
+    message = "holds another sweep (there: model.optimizer.lr=3e-4; here: model.optimizer.lr=1e-3)"
+    assert f"{sweep} {message}" in output
+    assert (sweep / "0" / "metrics.json").read_bytes() == job["metrics.json"]
+    assert (sweep / "0" / ".hydra" / "overrides.yaml").read_bytes() == job["overrides.yaml"]
+
+
 def fake_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None) -> None:
     (sweep / name / ".hydra").mkdir(parents=True)
     (sweep / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
