@@ -106,7 +106,8 @@ class ImageClassifier(L.LightningModule):
         self._epoch_batches, self._epoch_images = batches, images
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The epoch's figures so far, for a run resumed mid-epoch (DDP: the first process's)."""
+        """The epoch's figures so far, for a run resumed mid-epoch (DDP: the first process's),
+        and the trainer settings a schedule's length came from, checked on resume."""
         if hasattr(self, "_epoch_loss_sum"):  # once training has started
             checkpoint["epoch_figures"] = {
                 "loss_sum": float(self._epoch_loss_sum),
@@ -114,6 +115,8 @@ class ImageClassifier(L.LightningModule):
                 "batches": self._epoch_batches,
                 "images": self._epoch_images,
             }
+        if hasattr(self, "_schedule_laid_out_by"):
+            checkpoint["schedule_laid_out_by"] = self._schedule_laid_out_by
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_epoch_figures = checkpoint.get("epoch_figures", {})
@@ -176,9 +179,10 @@ class ImageClassifier(L.LightningModule):
             return optimizer
         # A `_partial_` schedule stepped every batch; told the run's length where it takes one.
         make_scheduler = instantiate(self.hparams.scheduler)
-        length = {"total_steps": self.trainer.estimated_stepping_batches}
-        if "total_steps" not in inspect.signature(make_scheduler).parameters:
-            length = {}
+        length = {}
+        if "total_steps" in inspect.signature(make_scheduler).parameters:
+            length = {"total_steps": self.trainer.estimated_stepping_batches}
+            self._schedule_laid_out_by = run_length_settings(self.trainer)
         scheduler = make_scheduler(optimizer, **length)
         return {
             "optimizer": optimizer,
@@ -212,6 +216,12 @@ class ImageClassifier(L.LightningModule):
         chosen = {id(p) for p in norm_biases}
         others = [p for p in self.parameters() if id(p) not in chosen]
         return [{"params": others}, {"params": norm_biases}]
+
+
+def run_length_settings(trainer: L.Trainer) -> dict[str, Any]:
+    """The trainer's settings that, with the data's, set how many steps a run takes."""
+    names = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches")
+    return {name: getattr(trainer, name) for name in names} | {"processes": trainer.world_size}
 
 
 class TriangularLR(LambdaLR):

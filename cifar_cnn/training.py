@@ -28,6 +28,7 @@ from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
 from cifar_cnn.config import validate
 from cifar_cnn.errors import UserError
 from cifar_cnn.memory import keep_freed_memory
+from cifar_cnn.module import run_length_settings
 from cifar_cnn.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume_from:  # checked before the run's files are touched: a refusal loses nothing
         saved = read_checkpoint(resume_from)
         _check_same_settings(saved, resume_from, datamodule, model)
+        _check_same_schedule(saved, resume_from, trainer)
         _check_unfinished(saved, resume_from, trainer)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +249,26 @@ def _check_same_settings(
         raise UserError(
             f"cannot resume from {checkpoint}: it was trained with other settings ({listed}). "
             f"{_how_to_resume(differences)} (the run's overrides: {overrides})"
+        )
+
+
+def _check_same_schedule(saved: dict[str, Any], checkpoint: Path, trainer: L.Trainer) -> None:
+    """A learning-rate schedule laid out over the run's steps (`total_steps`) keeps its length:
+    a resume with another would jump to another point of the schedule (or, for OneCycleLR,
+    fail when it runs past its end)."""
+    laid_out_by = saved.get("schedule_laid_out_by") or {}
+    now = run_length_settings(trainer)
+    differences = {
+        key: (value, now[key]) for key, value in laid_out_by.items() if now[key] != value
+    }
+    if differences:
+        listed = "; ".join(
+            f"{key} is {a!r} there, {b!r} now" for key, (a, b) in differences.items()
+        )
+        raise UserError(
+            f"cannot resume from {checkpoint}: its model.scheduler was laid out over the run's "
+            f"length, and these trainer settings change it ({listed}). A schedule's length is "
+            "fixed when the run starts: resume with the run's settings, or start a new run"
         )
 
 

@@ -61,9 +61,10 @@ def test_device_path_and_dataloader_give_the_same_batches(
             assert torch.equal(images, same_images) and torch.equal(labels, same_labels)
             augmented = []
             for datamodule, batch in ((loader, (images, labels)), (device, (same_images, labels))):
-                datamodule.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1)
+                datamodule.trainer = SimpleNamespace(training=True)
                 torch.manual_seed(epoch)  # the augmentation draws alike too
                 augmented.append(datamodule.on_after_batch_transfer(batch, 0)[0])
+                datamodule.trainer = None
             assert torch.equal(augmented[0], augmented[1])
     first, second = (epoch_batches(on_device, epoch)[0][1] for epoch in (0, 1))
     assert not torch.equal(first, second)  # a new order every epoch

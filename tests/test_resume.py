@@ -294,6 +294,26 @@ def test_resuming_with_other_settings_is_refused(
     assert records == {name: (run / name).read_text() for name in records}
 
 
+def test_a_scheduled_run_resumes_only_with_the_length_its_schedule_was_laid_out_over(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    run = ["experiment=seed_augmented", f"data.data_dir={tiny_data_dir}"]  # OneCycleLR
+    stopped = stop_after(compose_config, 6, *run)
+    with pytest.raises(StoppedBySignal):
+        train(stopped)
+    folder = Path(stopped.paths.output_dir)
+    last = (folder / "checkpoints" / "last.ckpt").read_bytes()
+    longer = [*SIGNALLED, *run, "trainer.max_epochs=4", f"ckpt_path={folder}"]
+    with pytest.raises(UserError, match="max_epochs is 2 there, 4 now") as error:
+        train(compose_in("train", longer, folder, cache_dir))
+    assert "model.scheduler was laid out over the run's length" in str(error.value)
+    assert (folder / "checkpoints" / "last.ckpt").read_bytes() == last
+    resumed = train(
+        compose_in("train", [*SIGNALLED, *run, f"ckpt_path={folder}"], folder, cache_dir)
+    )
+    assert resumed["status"] == "completed"
+
+
 def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
