@@ -39,17 +39,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    metrics = path / "metrics.json"
-    if metrics.is_file():  # a finished run names its best checkpoint
-        best = folder / Path(json.loads(metrics.read_text()).get("best_checkpoint") or "-").name
-        if best.is_file():
-            return best
+    best = folder / Path(_recorded_best(path / "metrics.json") or "-").name
+    if best.is_file():  # a finished run names its best checkpoint
+        return best
     candidates = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
     if len(candidates) == 1:
         return candidates[0]
     if (folder / "last.ckpt").is_file():
         return folder / "last.ckpt"
+    if candidates:
+        raise UserError(
+            f"{folder} holds several checkpoints and no record of the best: name one of "
+            + ", ".join(p.name for p in candidates)
+        )
     raise UserError(f"no checkpoint in {folder}: a run folder keeps them in checkpoints/*.ckpt")
+
+
+def _recorded_best(metrics: Path) -> str | None:
+    """The best checkpoint a finished run's metrics.json names (None: no such record)."""
+    try:
+        record = json.loads(metrics.read_text())
+    except (OSError, ValueError):  # absent, or not JSON (a run killed while writing it)
+        return None
+    return record.get("best_checkpoint") if isinstance(record, dict) else None
 
 
 def resume_checkpoint(path: str | Path) -> Path:

@@ -34,10 +34,12 @@ SPLIT_SETTINGS = ("val_fraction", "split_seed")
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """eval.py: test a checkpoint on a split, or classify image files (`predict=`)."""
+    device = _device(cfg.device)
+    if not (isinstance(cfg.num_errors, int) and cfg.num_errors >= 0):
+        raise UserError(f"num_errors={cfg.num_errors!r} is not allowed: it must be an integer >= 0")
     checkpoint = resolve_checkpoint(cfg.ckpt_path)
     log.info("Checkpoint %s", checkpoint)
     model, data_settings = load_checkpoint(checkpoint)
-    device = torch.device(cfg.device if cfg.device != "auto" else _default_device())
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.predict:
@@ -48,6 +50,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     overrides = {key: data_settings[key] for key in SPLIT_SETTINGS if key in data_settings}
     datamodule = instantiate(cfg.data, **overrides)
+    trained_on = data_settings.get("data_dir")
+    if (
+        cfg.split == "val"
+        and trained_on
+        and Path(trained_on).resolve() != datamodule.data_dir.resolve()
+    ):
+        log.warning(
+            "split=val: the validation images are drawn from %s, the run's from %s; they are "
+            "the same only if both folders hold the same files",
+            datamodule.data_dir, trained_on,
+        )  # fmt: skip
     datamodule.prepare_data()
     datamodule.setup()
     dataset = datamodule.data_test if cfg.split == "test" else datamodule.data_val
@@ -149,5 +162,17 @@ def plot_errors(images: Tensor, labels: Tensor, logits: Tensor, count: int) -> F
     return figure
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device(name: str) -> torch.device:
+    """`device=auto|cpu|cuda|cuda:N` as a device that this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    refused = UserError(f"device={name} is not allowed: use auto, cpu, cuda or cuda:<index>")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise refused from error
+    if device.type not in ("cpu", "cuda"):
+        raise refused
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name}, but this machine has no GPU that torch can use")
+    return device

@@ -36,6 +36,11 @@ def test_run_folder_resolves_to_its_best_checkpoint(tmp_path: Path, checkpoint: 
     for name in ("epoch_001.ckpt", "epoch_004.ckpt", "last.ckpt"):
         (folder / name).write_bytes(checkpoint.read_bytes())
     assert resolve_checkpoint(tmp_path / "run") == folder / "last.ckpt"  # two candidates
+    (tmp_path / "run" / "metrics.json").write_text('{"status": "comp')  # cut short: no record
+    assert resolve_checkpoint(tmp_path / "run") == folder / "last.ckpt"
+    (folder / "last.ckpt").unlink()
+    with pytest.raises(UserError, match="several checkpoints .* epoch_001.ckpt, epoch_004.ckpt"):
+        resolve_checkpoint(tmp_path / "run")
     (tmp_path / "run" / "metrics.json").write_text(
         json.dumps({"best_checkpoint": "/elsewhere/checkpoints/epoch_004.ckpt"})
     )

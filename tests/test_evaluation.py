@@ -11,6 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifar_cnn.data import CLASSES, CIFAR10DataModule
+from cifar_cnn.errors import UserError
 from cifar_cnn.evaluation import evaluate
 from cifar_cnn.training import train
 
@@ -91,6 +92,29 @@ def test_eval_on_val_uses_the_split_the_checkpoint_was_trained_with(
         return torch.bincount(datamodule.data_val.labels).tolist()
 
     assert support == val_counts(3) != val_counts(0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("device=gpu", "device=gpu is not allowed: use auto, cpu, cuda or cuda:<index>"),
+        ("device=xpu:0", "device=xpu:0 is not allowed"),
+        ("num_errors=-1", "num_errors=-1 is not allowed"),
+    ],
+)
+def test_bad_eval_settings_are_named_before_anything_loads(
+    setting: str, message: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    cfg = compose_in("eval", [f"ckpt_path={tmp_path / 'nowhere'}", setting], tmp_path, cache_dir)
+    with pytest.raises(UserError, match=message):
+        evaluate(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_named(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = compose_in("eval", [f"ckpt_path={tmp_path}", "device=cuda"], tmp_path, cache_dir)
+    with pytest.raises(UserError, match="device=cuda, but this machine has no GPU"):
+        evaluate(cfg)
 
 
 def test_eval_py_predicts_image_files_and_explains_bad_checkpoints(
