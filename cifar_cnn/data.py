@@ -488,11 +488,15 @@ def _suffix(name: str) -> str:
     return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
+def deeper_than_8_bits(image: Image.Image) -> bool:
+    """16- and 32-bit images (integer or float), which convert("RGB") clips instead of scaling."""
+    return image.mode in ("I", "F") or image.mode.startswith("I;")
+
+
 def _decode(path: str) -> Tensor:
     try:
         with Image.open(path) as image:
-            if image.mode in ("I", "F") or image.mode.startswith("I;"):
-                # convert("RGB") would clip these to 255, not scale them.
+            if deeper_than_8_bits(image):
                 raise UserError(
                     f"image {path} has {image.mode} pixels (16 or 32 bits): CIFAR-10's are "
                     "8-bit RGB; convert it to 8 bits"

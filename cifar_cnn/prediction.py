@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from cifar_cnn.data import CLASSES, to_float_images
+from cifar_cnn.data import CLASSES, deeper_than_8_bits, to_float_images
 from cifar_cnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def load_image_file(path: Path) -> Tensor:
     for images of more than 8 bits a channel.
     """
     with Image.open(path) as image:
-        if image.mode in ("I", "F") or image.mode.startswith("I;"):  # convert() would clip
+        if deeper_than_8_bits(image):
             raise ValueError(f"{image.mode} pixels (16 or 32 bits); convert it to 8 bits")
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
