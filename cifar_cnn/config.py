@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,6 +102,7 @@ def config_subfolder(checkpoint: str | None) -> str:
 
 
 OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty, replace=True)
+OmegaConf.register_new_resolver("gpu_count", torch.cuda.device_count, replace=True)
 OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 OmegaConf.register_new_resolver("config_subfolder", config_subfolder, replace=True)
 # Run folder names end in the process id: two runs started in the same second differ.

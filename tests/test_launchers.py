@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from .conftest import CONFIG_DIR
@@ -30,6 +31,13 @@ def test_slurm_launcher_takes_its_settings_from_config() -> None:
     assert launcher.tasks_per_node == 4  # one task per GPU, as Lightning's DDP wants on SLURM
     assert launcher.timeout_min == 240 and launcher.signal_delay_s == 120
     assert launcher.max_num_timeout == 3
+
+
+def test_local_launchers_jobs_see_this_machines_gpus() -> None:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=local"], return_hydra_config=True)
+    # submitit sets CUDA_VISIBLE_DEVICES to this many (none: "", every GPU hidden).
+    assert cfg.hydra.launcher.gpus_per_node == torch.cuda.device_count()
 
 
 @pytest.mark.slow
