@@ -11,7 +11,9 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 from cifar_cnn.data import to_float_images
 from cifar_cnn.errors import UserError
@@ -186,8 +188,8 @@ class GracefulStop(Callback):
 class RandomState(Callback):
     """Saves torch's global random state in checkpoints and restores it on resume.
 
-    Shuffling and dropout draw from it: with it restored, a run resumed from an end-of-epoch
-    checkpoint continues exactly as if it had never stopped.
+    Dropout and augmentation draw from it: with it restored, a resumed run continues exactly as
+    if it had never stopped.
     """
 
     def on_save_checkpoint(
@@ -349,7 +351,16 @@ def _training_ends_after_this_epoch(trainer: L.Trainer) -> bool:
 
 
 def _continue_command(checkpoint: Path) -> str:
-    """The train.py command that resumes this run: its own overrides, and the checkpoint."""
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    """The train.py command that resumes this run: its own overrides, and the checkpoint; for
+    a job of a sweep, the sweep's command again, into its folder (which goes on with the sweep:
+    SweepSummary, train_in_sweep)."""
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra is not None and hydra.mode == RunMode.MULTIRUN:
+        sweep = Path(hydra.sweep.dir)
+        if not (sweep / "multirun.yaml").is_file():  # Optuna's sweeper writes none
+            return f"the search's command again (its study in {sweep} goes on)"
+        overrides = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task
+        return shlex.join(["python", "train.py", "-m", *overrides, f"hydra.sweep.dir={sweep}"])
+    overrides = hydra.overrides.task if hydra is not None else []
     kept = [o for o in overrides if not o.startswith("ckpt_path=")]
     return shlex.join(["python", "train.py", *kept, f"ckpt_path={checkpoint}"])

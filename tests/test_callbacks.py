@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cifar_cnn.callbacks import GracefulStop, TrainingStopped
+from cifar_cnn.callbacks import GracefulStop, TrainingStopped, _continue_command
 from cifar_cnn.training import train
+
+from .conftest import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +86,26 @@ def test_a_signal_during_the_last_validation_still_stops_with_a_message() -> Non
     stop._note(signal.SIGTERM, None)
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM at the end of training"):
         stop.on_train_end(trainer=None, pl_module=None)
+
+
+def test_a_stopped_sweep_job_names_the_sweeps_command_to_continue(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - model.optimizer.lr=1e-3,3e-4\n"
+        "    - trainer.max_epochs=2\n"
+    )
+    overrides = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}", "model.optimizer.lr=1e-3"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert _continue_command(sweep / "0" / "checkpoints" / "last.ckpt") == (
+            f"python train.py -m model.optimizer.lr=1e-3,3e-4 trainer.max_epochs=2 "
+            f"hydra.sweep.dir={sweep}"
+        )
+        (sweep / "multirun.yaml").unlink()  # an Optuna search: its sweeper writes none
+        assert _continue_command(sweep / "last.ckpt").startswith("the search's command again")
+    finally:
+        HydraConfig.instance().cfg = previous  # other tests' runs are not sweep jobs

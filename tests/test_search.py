@@ -104,6 +104,20 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(
     assert (tmp_path / SEARCH / "summary.md").read_text().count("| failed |") == 2
 
 
+def test_a_search_stopped_by_its_failure_rate_still_writes_its_summary(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    command = search_command(
+        tiny_data_dir, 3, "model.optimizer.lr=1e12", "hydra.sweeper.max_failure_rate=0.0"
+    )
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output
+    assert "1 of 1 trials failed, more than hydra.sweeper.max_failure_rate=0.0" in output
+    assert (tmp_path / SEARCH / "summary.md").read_text().count("| failed |") == 1
+
+
 def test_a_rerun_with_another_search_space_is_refused(
     tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:

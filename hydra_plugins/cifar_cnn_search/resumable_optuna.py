@@ -34,6 +34,7 @@ from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_cnn.errors import UserError, exit_on_user_error
+from cifar_cnn.sweep import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,12 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
             overrides = self._configure_trials(trials, distributions, fixed)
             for trial, result in zip(trials, self._launch(trials, overrides), strict=True):
                 _tell(study, trial, result)
-            self._check_failure_rate(study)
+            try:
+                self._check_failure_rate(study)
+            except UserError:  # the search stops here: what it found so far is still written
+                self._save_results(study)
+                write_summary(Path(self.sweep_dir))
+                raise
 
         self._save_results(study)
 
