@@ -123,22 +123,6 @@ def stop_after(compose_config: Callable[..., DictConfig], step: int, *overrides:
     )  # fmt: skip
 
 
-def test_a_run_stopped_mid_epoch_resumes_and_finishes(
-    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
-) -> None:
-    """Lightning does not call `on_train_epoch_start` when it resumes mid-epoch: the module's
-    epoch figures must not depend on it."""
-    data = f"data.data_dir={tiny_data_dir}"
-    stopped = stop_after(compose_config, 7, data)
-    with pytest.raises(StoppedBySignal, match="at step 8 \\(epoch 1\\); saved "):
-        train(stopped)
-    run = Path(stopped.paths.output_dir)
-
-    metrics = train(compose_config(*SIGNALLED, data, f"ckpt_path={run}"))
-    assert metrics["status"] == "completed" and metrics["epochs"] == 2
-    assert 0 <= metrics["val/acc_best"] <= 1
-
-
 class RecordTraining(L.Callback):
     """Appends each step's number and batch labels, and each epoch's training figures, to the
     file `to`."""
