@@ -242,12 +242,10 @@ def _check_same_settings(
         key: pair for key, pair in sorted(_paired(then, now).items()) if pair[0] != pair[1]
     }
     if differences:
-        listed = "; ".join(
-            f"{key} is {a!r} there, {b!r} now" for key, (a, b) in differences.items()
-        )
         overrides = checkpoint.parent.parent / ".hydra" / "overrides.yaml"
         raise UserError(
-            f"cannot resume from {checkpoint}: it was trained with other settings ({listed}). "
+            f"cannot resume from {checkpoint}: it was trained with other settings "
+            f"({_listed(differences)}). "
             f"{_how_to_resume(differences)} (the run's overrides: {overrides})"
         )
 
@@ -262,14 +260,22 @@ def _check_same_schedule(saved: dict[str, Any], checkpoint: Path, trainer: L.Tra
         key: (value, now[key]) for key, value in laid_out_by.items() if now[key] != value
     }
     if differences:
-        listed = "; ".join(
-            f"{key} is {a!r} there, {b!r} now" for key, (a, b) in differences.items()
-        )
+        again = [
+            f"++trainer.{key}={then}"
+            if key != "processes"  # not a trainer key
+            else f"{then} processes (trainer.devices x trainer.num_nodes)"
+            for key, (then, _) in differences.items()
+        ]
         raise UserError(
             f"cannot resume from {checkpoint}: its model.scheduler was laid out over the run's "
-            f"length, and these trainer settings change it ({listed}). A schedule's length is "
-            "fixed when the run starts: resume with the run's settings, or start a new run"
+            f"length, and these trainer settings change it ({_listed(differences)}). A "
+            "schedule's length is fixed when the run starts: resume with "
+            f"{' '.join(again)}, or start a new run"
         )
+
+
+def _listed(differences: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key} is {a!r} there, {b!r} now" for key, (a, b) in differences.items())
 
 
 def _defaults(component: type) -> dict[str, Any]:

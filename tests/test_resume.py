@@ -288,9 +288,10 @@ def test_a_scheduled_run_resumes_only_with_the_length_its_schedule_was_laid_out_
     folder = Path(stopped.paths.output_dir)
     last = (folder / "checkpoints" / "last.ckpt").read_bytes()
     longer = [*SIGNALLED, *run, "trainer.max_epochs=4", f"ckpt_path={folder}"]
-    with pytest.raises(UserError, match="max_epochs is 2 there, 4 now") as error:
+    with pytest.raises(UserError, match="max_epochs is 2 there, 4 now.*with ") as error:
         train(compose_in("train", longer, folder, cache_dir))
     assert "model.scheduler was laid out over the run's length" in str(error.value)
+    assert "resume with ++trainer.max_epochs=2, or start a new run" in str(error.value)
     assert (folder / "checkpoints" / "last.ckpt").read_bytes() == last
     resumed = train(
         compose_in("train", [*SIGNALLED, *run, f"ckpt_path={folder}"], folder, cache_dir)
