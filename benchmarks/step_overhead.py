@@ -131,7 +131,9 @@ def one_layer_plain(rows: _Rows, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def one_layer_lightning(rows: _Rows, device: torch.device, module: type = _OneLayer) -> float:
+def one_layer_lightning(
+    rows: _Rows, device: torch.device, module: type = _OneLayer, rows_per_batch: int = 1
+) -> float:
     timer = train_speed.EpochTimer()
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -143,9 +145,7 @@ def one_layer_lightning(rows: _Rows, device: torch.device, module: type = _OneLa
         enable_model_summary=False,
         callbacks=[timer],
     )
-    if module is _OneLayerGrouped:
-        rows = _Rows(rows.inputs, rows.targets, rows_per_batch=GROUPED)
-    trainer.fit(module(), rows)
+    trainer.fit(module(), _Rows(rows.inputs, rows.targets, rows_per_batch))
     assert trainer.global_step == ROWS, "each path takes one optimizer step per row"
     [seconds] = timer.epoch_times
     return seconds
@@ -200,7 +200,9 @@ def main() -> None:
             ("one_layer_manual", functools.partial(one_layer_lightning, module=_OneLayerManual)),
             (
                 "one_layer_grouped",
-                functools.partial(one_layer_lightning, module=_OneLayerGrouped),
+                functools.partial(
+                    one_layer_lightning, module=_OneLayerGrouped, rows_per_batch=GROUPED
+                ),
             ),
         ):
             figures.setdefault(name, []).append(run(rows, device) / ROWS)

@@ -359,8 +359,12 @@ def _continue_command(checkpoint: Path) -> str:
         sweep = Path(hydra.sweep.dir)
         if not (sweep / "multirun.yaml").is_file():  # Optuna's sweeper writes none
             return f"the search's command again (its study in {sweep} goes on)"
-        overrides = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task
-        return shlex.join(["python", "train.py", "-m", *overrides, f"hydra.sweep.dir={sweep}"])
+        recorded = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides
+        launch = [
+            o for o in recorded.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))
+        ]
+        command = ["python", "train.py", "-m", *recorded.task, *launch, f"hydra.sweep.dir={sweep}"]
+        return shlex.join(command)
     overrides = hydra.overrides.task if hydra is not None else []
     kept = [o for o in overrides if not o.startswith("ckpt_path=")]
     return shlex.join(["python", "train.py", *kept, f"ckpt_path={checkpoint}"])

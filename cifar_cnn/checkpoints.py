@@ -112,8 +112,9 @@ def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
         ImportError,
         InstantiationException,
     ) as error:
-        reason = str(error).splitlines()[0]
-        raise UserError(f"{path} does not load as the model it describes ({reason})") from error
+        raise UserError(
+            f"{path} does not load as the model it describes ({_reason(error)})"
+        ) from error
     return model.eval(), checkpoint.get("datamodule_hyper_parameters", {})
 
 

@@ -31,6 +31,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a whole number in [0, 32)",
     ),
     "data.shuffle_seed": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0"),
+    "num_errors": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0"),
     "model.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.norm_bias_lr_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "model.optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

@@ -279,7 +279,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     def _trained_this_epoch(self) -> int:
         """How many of this process's training images of the current epoch the run trained on:
         none, but in a run resumed mid-epoch."""
-        if self.trainer is None:
+        if self.trainer is None or not self.trainer.training:
             return 0
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return batches * self.hparams.batch_size

@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 )
 
 from cifar_cnn.checkpoints import load_checkpoint, resolve_checkpoint
+from cifar_cnn.config import validate
 from cifar_cnn.data import CLASSES
 from cifar_cnn.errors import UserError
 from cifar_cnn.prediction import predict_files, predict_logits
@@ -34,9 +35,8 @@ SPLIT_SETTINGS = ("val_fraction", "split_seed")
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """eval.py: test a checkpoint on a split, or classify image files (`predict=`)."""
+    validate(cfg)
     device = _device(cfg.device)
-    if not (isinstance(cfg.num_errors, int) and cfg.num_errors >= 0):
-        raise UserError(f"num_errors={cfg.num_errors!r} is not allowed: it must be an integer >= 0")
     checkpoint = resolve_checkpoint(cfg.ckpt_path)
     log.info("Checkpoint %s", checkpoint)
     model, data_settings = load_checkpoint(checkpoint)
@@ -175,4 +175,6 @@ def _device(name: str) -> torch.device:
         raise refused
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name}, but this machine has no GPU that torch can use")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device={name}, but this machine has {torch.cuda.device_count()} GPUs")
     return device

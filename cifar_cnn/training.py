@@ -115,6 +115,10 @@ def train_in_sweep(cfg: DictConfig) -> float:
     try:
         if cfg.get("ckpt_path"):
             raise UserError("resume one run at a time: ckpt_path does not go with -m")
+        recorded = _completed_record(cfg)
+        if recorded is not None:  # requeued, or its sweep run again, after it completed
+            log.info("This job's run completed before: its figures stand")
+            return recorded.get(cfg.optimized_metric, float("nan"))
         own_checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         if own_checkpoint.is_file():
             # A job started again in its own folder: a cluster job requeued after preemption
@@ -130,11 +134,6 @@ def train_in_sweep(cfg: DictConfig) -> float:
         log.error("%s", error)
         sys.exit(1)
     except Exception as error:
-        recorded = _completed_record(cfg)
-        if isinstance(error, RunFinished) and recorded is not None:
-            # Requeued, or its sweep run again, after it completed with these settings.
-            log.info("This job's run completed before, with these settings: its figures stand")
-            return recorded[cfg.optimized_metric]
         _record_failure(cfg, "failed", error)
         log.error("this job failed: %s", error, exc_info=not isinstance(error, UserError))
         gc.collect()  # let the failed job's tensors go before the next job starts
@@ -200,10 +199,6 @@ def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size", "on_device")
 
 
-class RunFinished(UserError):
-    """A run asked to go on from a checkpoint at the trainer's limit."""
-
-
 def _check_unfinished(saved: dict[str, Any], checkpoint: Path, trainer: L.Trainer) -> None:
     """Lightning returns at once from a checkpoint at the trainer's limit: say so instead."""
     progress = saved.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
@@ -215,9 +210,12 @@ def _check_unfinished(saved: dict[str, Any], checkpoint: Path, trainer: L.Traine
         reached.append(f"trainer.max_steps={trainer.max_steps}")
     if reached:
         run = checkpoint.parent.parent
-        raise RunFinished(
-            f"{run} has already reached {' and '.join(reached)}: raise it to train on, or "
-            f"evaluate the run with: python eval.py ckpt_path={run}"
+        go_on = "raise it to train on, or"
+        if saved.get("schedule_laid_out_by"):  # _check_same_schedule would refuse that
+            go_on = "its learning-rate schedule has ended (start a new run to train longer);"
+        raise UserError(
+            f"{run} has already reached {' and '.join(reached)}: {go_on} evaluate the run "
+            f"with: python eval.py ckpt_path={run}"
         )
 
 

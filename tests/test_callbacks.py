@@ -92,8 +92,9 @@ def test_a_stopped_sweep_job_names_the_sweeps_command_to_continue(tmp_path: Path
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "multirun.yaml").write_text(
-        "hydra:\n  overrides:\n    task:\n    - model.optimizer.lr=1e-3,3e-4\n"
-        "    - trainer.max_epochs=2\n"
+        "hydra:\n  overrides:\n    hydra:\n    - hydra.mode=MULTIRUN\n"
+        f"    - hydra.sweep.dir={sweep}\n    - hydra/launcher=local\n"
+        "    task:\n    - model.optimizer.lr=1e-3,3e-4\n    - trainer.max_epochs=2\n"
     )
     overrides = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}", "model.optimizer.lr=1e-3"]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -103,7 +104,7 @@ def test_a_stopped_sweep_job_names_the_sweeps_command_to_continue(tmp_path: Path
     try:
         assert _continue_command(sweep / "0" / "checkpoints" / "last.ckpt") == (
             f"python train.py -m model.optimizer.lr=1e-3,3e-4 trainer.max_epochs=2 "
-            f"hydra.sweep.dir={sweep}"
+            f"hydra/launcher=local hydra.sweep.dir={sweep}"
         )
         (sweep / "multirun.yaml").unlink()  # an Optuna search: its sweeper writes none
         assert _continue_command(sweep / "last.ckpt").startswith("the search's command again")

@@ -100,6 +100,8 @@ def test_eval_on_val_uses_the_split_the_checkpoint_was_trained_with(
         ("device=gpu", "device=gpu is not allowed: use auto, cpu, cuda or cuda:<index>"),
         ("device=xpu:0", "device=xpu:0 is not allowed"),
         ("num_errors=-1", "num_errors=-1 is not allowed"),
+        ("num_errors=true", "num_errors=True is not allowed"),
+        ("data.eval_batch_size=0", "data.eval_batch_size=0 is not allowed"),
     ],
 )
 def test_bad_eval_settings_are_named_before_anything_loads(

@@ -293,10 +293,10 @@ def test_a_scheduled_run_resumes_only_with_the_length_its_schedule_was_laid_out_
     assert "model.scheduler was laid out over the run's length" in str(error.value)
     assert "resume with ++trainer.max_epochs=2, or start a new run" in str(error.value)
     assert (folder / "checkpoints" / "last.ckpt").read_bytes() == last
-    resumed = train(
-        compose_in("train", [*SIGNALLED, *run, f"ckpt_path={folder}"], folder, cache_dir)
-    )
-    assert resumed["status"] == "completed"
+    same = [*SIGNALLED, *run, f"ckpt_path={folder}"]
+    assert train(compose_in("train", same, folder, cache_dir))["status"] == "completed"
+    with pytest.raises(UserError, match="reached trainer.max_epochs=2: its learning-rate sched"):
+        train(compose_in("train", same, folder, cache_dir))  # not "raise it to train on"
 
 
 def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(

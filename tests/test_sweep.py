@@ -76,7 +76,7 @@ def test_a_sweep_run_again_keeps_its_completed_jobs_and_its_folder_refuses_anoth
 
     again = run_sweep(sweep, tiny_data_dir, cache_dir, *command)
     assert again.returncode == 0, again.stdout
-    assert "completed before, with these settings: its figures stand" in again.stdout
+    assert "This job's run completed before: its figures stand" in again.stdout
     assert (sweep / "0" / "metrics.json").read_bytes() == job["metrics.json"]
 
     other = run_sweep(sweep, tiny_data_dir, cache_dir, "model.optimizer.lr=1e-3", command[1])

@@ -83,20 +83,20 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         log.info("Study %s in %s, sampler %s", study.study_name, self.storage,
                  type(self.sampler).__name__)  # fmt: skip
 
-        while (to_go := self.n_trials - len(_counted(study))) > 0:
-            trials = [study.ask() for _ in range(min(self.n_jobs, to_go))]
-            for trial in trials:
-                trial.set_user_attr(WORKER, _this_worker())
-            overrides = self._configure_trials(trials, distributions, fixed)
-            for trial, result in zip(trials, self._launch(trials, overrides), strict=True):
-                _tell(study, trial, result)
-            try:
+        try:
+            while (to_go := self.n_trials - len(_counted(study))) > 0:
+                trials = [study.ask() for _ in range(min(self.n_jobs, to_go))]
+                for trial in trials:
+                    trial.set_user_attr(WORKER, _this_worker())
+                overrides = self._configure_trials(trials, distributions, fixed)
+                for trial, result in zip(trials, self._launch(trials, overrides), strict=True):
+                    _tell(study, trial, result)
                 self._check_failure_rate(study)
-            except UserError:  # the search stops here: what it found so far is still written
-                self._save_results(study)
+        except BaseException:  # stopped (failure rate, Ctrl-C): what it found is still written
+            self._save_results(study)
+            if any(Path(self.sweep_dir).glob("*/.hydra/overrides.yaml")):
                 write_summary(Path(self.sweep_dir))
-                raise
-
+            raise
         self._save_results(study)
 
     def _launch(
