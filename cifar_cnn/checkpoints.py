@@ -4,7 +4,6 @@ Checkpoints are read with torch's weights-only unpickler: a file can hold only t
 plain values, so opening one runs no code from it. Ours need nothing more.
 """
 
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar_cnn.config import resumed_run
 from cifar_cnn.errors import UserError
-from cifar_cnn.files import written_then_renamed
+from cifar_cnn.files import read_record, written_then_renamed
 from cifar_cnn.module import ImageClassifier
 
 
@@ -39,7 +38,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    best = folder / Path(_recorded_best(path / "metrics.json") or "-").name
+    record = read_record(path / "metrics.json") or {}
+    best = folder / Path(record.get("best_checkpoint") or "-").name
     if best.is_file():  # a finished run names its best checkpoint
         return best
     candidates = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
@@ -53,15 +53,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
             + ", ".join(p.name for p in candidates)
         )
     raise UserError(f"no checkpoint in {folder}: a run folder keeps them in checkpoints/*.ckpt")
-
-
-def _recorded_best(metrics: Path) -> str | None:
-    """The best checkpoint a finished run's metrics.json names (None: no such record)."""
-    try:
-        record = json.loads(metrics.read_text())
-    except (OSError, ValueError):  # absent, or not JSON (a run killed while writing it)
-        return None
-    return record.get("best_checkpoint") if isinstance(record, dict) else None
 
 
 def resume_checkpoint(path: str | Path) -> Path:

@@ -1,9 +1,11 @@
-"""Writing files so that no reader ever sees one half-written."""
+"""Writing files so that no reader ever sees one half-written, and reading run records."""
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -17,3 +19,13 @@ def written_then_renamed(path: Path) -> Iterator[Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A run's JSON record (metrics.json); None when it is absent, unreadable or not an object
+    (a run killed while writing it)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return record if isinstance(record, dict) else None

@@ -4,7 +4,6 @@ Rebuild it for any sweep folder with `python -m cifar_cnn.sweep outputs/multirun
 """
 
 import csv
-import json
 import logging
 import math
 import statistics
@@ -16,6 +15,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+
+from cifar_cnn.files import read_record
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     shared = set.intersection(*(set(values) for values in overrides.values()))
     rows = []
     for job in jobs:
-        metrics = _read_metrics(job / "metrics.json")
+        metrics = _job_metrics(job / "metrics.json")
         swept = [value for value in overrides[job.name] if value not in shared]
         rows.append(
             {column: metrics.get(column, "") for column in COLUMNS}
@@ -99,13 +100,11 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"status": "unreadable metrics.json"}
+def _job_metrics(path: Path) -> dict[str, Any]:
+    record = read_record(path)
+    if record is None:
+        return {"status": "unreadable metrics.json"} if path.is_file() else {}
+    return record
 
 
 def _markdown(rows: list[dict[str, Any]], shared: list[str], sweep_dir: Path) -> str:

@@ -27,6 +27,7 @@ from cifar_cnn.callbacks import StoppedBySignal
 from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
 from cifar_cnn.config import validate
 from cifar_cnn.errors import UserError
+from cifar_cnn.files import read_record
 from cifar_cnn.memory import keep_freed_memory
 from cifar_cnn.module import run_length_settings
 from cifar_cnn.provenance import provenance
@@ -166,11 +167,8 @@ def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
 
 def _completed_record(cfg: DictConfig) -> dict[str, Any] | None:
     """The metrics.json of the run in cfg's folder, if that run completed."""
-    try:
-        record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("status") == "completed" else None
+    record = read_record(Path(cfg.paths.output_dir) / "metrics.json")
+    return record if record is not None and record.get("status") == "completed" else None
 
 
 @contextmanager
