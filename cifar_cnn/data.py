@@ -162,17 +162,18 @@ class DeviceBatches:
         self.drop_last = drop_last
 
     def __len__(self) -> int:
-        count = len(self.dataset if self.sampler is None else self.sampler)
+        return self._batches_of(len(self.dataset if self.sampler is None else self.sampler))
+
+    def _batches_of(self, count: int) -> int:
+        """How many batches `count` images make: a last partial one counts unless dropped."""
         batches = count / self.batch_size
         return math.floor(batches) if self.drop_last else math.ceil(batches)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels = self.dataset.images, self.dataset.labels
         order = None if self.sampler is None else self.sampler.order().to(images.device)
-        count = len(images if order is None else order)  # less than len(sampler) on a resume
-        batches = (
-            (count // self.batch_size) if self.drop_last else math.ceil(count / self.batch_size)
-        )
+        # On a resume the order holds fewer images than len(sampler): those not yet trained.
+        batches = self._batches_of(len(images if order is None else order))
         for start in range(0, batches * self.batch_size, self.batch_size):
             index = slice(start, start + self.batch_size)
             if order is not None:
