@@ -7,7 +7,7 @@ plain values, so opening one runs no code from it. Ours need nothing more.
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from hydra.errors import InstantiationException
@@ -87,8 +87,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
-    """The classifier saved in `path` (on the CPU, in eval mode) and its data settings."""
+class LoadedCheckpoint(NamedTuple):
+    model: ImageClassifier  # on the CPU, in eval mode
+    data_settings: dict[str, Any]  # the data module's arguments in the run
+    precision: str  # the run's, as Lightning names it: "32-true", "bf16-mixed", ...
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """The classifier saved in `path`, with the run's data settings and precision."""
     checkpoint = read_checkpoint(path)
     try:
         # Not compiled, whatever the training did: evaluation should not wait for a compiler.
@@ -106,7 +112,11 @@ def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict[str, Any]]:
         raise UserError(
             f"{path} does not load as the model it describes ({_reason(error)})"
         ) from error
-    return model.eval(), checkpoint.get("datamodule_hyper_parameters", {})
+    return LoadedCheckpoint(
+        model.eval(),
+        checkpoint.get("datamodule_hyper_parameters", {}),
+        checkpoint.get("precision", "32-true"),  # older checkpoints lack it
+    )
 
 
 def _reason(error: Exception) -> str:

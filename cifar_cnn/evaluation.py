@@ -8,9 +8,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.fabric import Fabric
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -39,7 +40,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = _device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.ckpt_path)
     log.info("Checkpoint %s", checkpoint)
-    model, data_settings = load_checkpoint(checkpoint)
+    model, data_settings, trained_in = load_checkpoint(checkpoint)
+    model = _in_precision(model, cfg.precision or trained_in, device)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.predict:
@@ -160,6 +162,18 @@ def plot_errors(images: Tensor, labels: Tensor, logits: Tensor, count: int) -> F
         axes.set_axis_off()
     figure.suptitle("Most confident mistakes (true → predicted, confidence)")
     return figure
+
+
+def _in_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """`model` on `device`, computing in `precision` (Lightning's names) through Fabric's
+    wrapper: under bf16-mixed, say, evaluation autocasts as the run's own test did."""
+    devices = [device.index or 0] if device.type == "cuda" else 1
+    try:
+        fabric = Fabric(accelerator=device.type, devices=devices, precision=precision)
+    except ValueError as error:
+        raise UserError(f"precision={precision} is not allowed: {error}") from error
+    log.info("Evaluating in precision %s", precision)
+    return fabric.setup_module(model)
 
 
 def _device(name: str) -> torch.device:

@@ -106,8 +106,10 @@ class ImageClassifier(L.LightningModule):
         self._epoch_batches, self._epoch_images = batches, images
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The epoch's figures so far, for a run resumed mid-epoch (DDP: the first process's),
-        and the trainer settings a schedule's length came from, checked on resume."""
+        """The epoch's figures so far, for a run resumed mid-epoch (DDP: the first process's);
+        the trainer settings a schedule's length came from, checked on resume; and the
+        precision the run computed in, which eval.py evaluates in."""
+        checkpoint["precision"] = self.trainer.precision
         if hasattr(self, "_epoch_loss_sum"):  # once training has started
             checkpoint["epoch_figures"] = {
                 "loss_sum": float(self._epoch_loss_sum),

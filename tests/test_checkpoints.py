@@ -17,14 +17,16 @@ ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 def checkpoint(tmp_path: Path) -> Path:
     """A checkpoint as a Trainer writes it, of an untrained classifier."""
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(ImageClassifier(NET, ADAM))
+    module = ImageClassifier(NET, ADAM)
+    module.trainer = trainer  # as fit() attaches it
+    trainer.strategy.connect(module)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path, weights_only=False)
     return path
 
 
 def test_load_checkpoint_gives_the_saved_model(checkpoint: Path) -> None:
-    model, _ = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint).model
     saved = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert not model.training
     assert all(torch.equal(model.state_dict()[key], value) for key, value in saved.items())

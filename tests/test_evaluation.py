@@ -94,6 +94,30 @@ def test_eval_on_val_uses_the_split_the_checkpoint_was_trained_with(
     assert support == val_counts(3) != val_counts(0)
 
 
+@pytest.mark.slow  # a second short training, in bf16
+def test_eval_computes_in_the_precision_the_run_trained_in(
+    data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    overrides = [*SHORT_RUN, "trainer.precision=bf16-mixed", f"data.data_dir={data_dir}"]
+    trained = train(compose_in("train", overrides, run_dir, cache_dir))
+
+    own = run_eval(run_dir, data_dir, cache_dir, tmp_path / "own")
+    assert own["accuracy"] == pytest.approx(trained["test/acc"], abs=1e-6)
+    assert own["loss"] == pytest.approx(trained["test/loss"], abs=1e-6)
+    in_float32 = run_eval(run_dir, data_dir, cache_dir, tmp_path / "fp32", "precision=32-true")
+    assert abs(in_float32["loss"] - trained["test/loss"]) > 1e-5  # bf16's rounding shows
+
+
+def test_an_unknown_eval_precision_is_named(
+    trained_run: tuple[Path, dict], data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir, _ = trained_run
+    with pytest.raises(UserError, match="precision=fp8 is not allowed: .* 'bf16-mixed'"):
+        run_eval(run_dir, data_dir, cache_dir, tmp_path, "precision=fp8")
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

@@ -340,6 +340,6 @@ def test_the_fast_experiment_trains_compiled_in_bf16_and_its_checkpoint_loads_ea
     metrics = train(cfg)  # FiniteLoss stops the run if a loss turns NaN
     assert metrics["status"] == "completed" and 0 <= metrics["test/acc"] <= 1
 
-    model, _ = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    model = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").model
     assert model.hparams.compile is False and model.net._compiled_call_impl is None
     assert not any("_orig_mod" in key for key in model.state_dict())
