@@ -418,14 +418,14 @@ class CIFAR10DataModule(L.LightningDataModule):
                     f"class folder {class_dir} is missing: an image-folder data set needs "
                     f"one folder per CIFAR-10 class under {split_dir} ({', '.join(CLASSES)})"
                 )
-            entries = sorted(
-                (entry for entry in os.scandir(class_dir) if entry.is_file()),
-                key=lambda entry: entry.name,
-            )
             images, others = [], []
-            for entry in entries:
-                is_image = _suffix(entry.name).lower() in IMAGE_SUFFIXES
-                (images if is_image else others).append(entry.path)
+            # Subfolders too, as torchvision's ImageFolder reads a class: its own files first,
+            # then each subfolder's, all by name.
+            for folder, subfolders, names in os.walk(class_dir, followlinks=True):
+                subfolders.sort()
+                for name in sorted(names):
+                    is_image = _suffix(name).lower() in IMAGE_SUFFIXES
+                    (images if is_image else others).append(os.path.join(folder, name))
             if not images:
                 raise DataNotFoundError(
                     f"class folder {class_dir} holds no images (files ending in "

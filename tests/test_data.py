@@ -174,6 +174,18 @@ def test_files_that_are_not_images_are_skipped_with_a_count(
     assert len(warnings) == 1 and "skipped 2 files" in warnings[0]
 
 
+def test_images_in_subfolders_of_a_class_folder_count_as_that_class(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    nested = tiny_data_dir / "test" / "horse" / "from-camera" / "day-2"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (9, 8, 7)).save(nested / "0000.png")
+    datamodule = ready(tiny_data_dir, tmp_path / "cache")
+    horses = datamodule.data_test.images[datamodule.data_test.labels == CLASSES.index("horse")]
+    assert len(horses) == 5
+    assert horses[-1].flatten(1).tolist() == [[9] * 1024, [8] * 1024, [7] * 1024]
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_broken_image_stops_the_run_naming_the_file(
     damage: str, tiny_data_dir: Path, tmp_path: Path
