@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_convert
 from torchvision.datasets import CIFAR10
@@ -31,7 +31,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 DATA_DIR_ENV = "CIFAR10_DIR"
 IMAGE_SHAPE = (3, 32, 32)
 TORCHVISION_FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
-CACHE_FORMAT = 1  # bump when the cache's content or layout changes
+CACHE_FORMAT = 2  # bump when the cache's content or layout changes
 # Files with these suffixes must decode (else the run stops, naming the file); other files in
 # a class folder (.DS_Store, notes) are skipped with a warning.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -494,6 +494,17 @@ def deeper_than_8_bits(image: Image.Image) -> bool:
     return image.mode in ("I", "F") or image.mode.startswith("I;")
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit image as RGB, as training and `predict=` both read files: turned upright by its
+    EXIF tag, transparent parts put on white (convert("RGB") alone keeps the colours hidden
+    under them)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
 def _decode(path: str) -> Tensor:
     try:
         with Image.open(path) as image:
@@ -502,7 +513,7 @@ def _decode(path: str) -> Tensor:
                     f"image {path} has {image.mode} pixels (16 or 32 bits): CIFAR-10's are "
                     "8-bit RGB; convert it to 8 bits"
                 )
-            pixels = np.array(image.convert("RGB"))
+            pixels = np.array(upright_rgb(image))
     except OSError as error:  # PIL's error for unreadable, truncated and non-image files
         raise UserError(f"cannot decode image {path}: {error}") from error
     if pixels.shape != (32, 32, 3):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from cifar_cnn.data import CLASSES, deeper_than_8_bits, to_float_images
+from cifar_cnn.data import CLASSES, deeper_than_8_bits, to_float_images, upright_rgb
 from cifar_cnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,19 +32,14 @@ def predict_logits(
 def load_image_file(path: Path) -> Tensor:
     """An image file as a uint8 (3, 32, 32) tensor, like the CIFAR-10 training images.
 
-    Honours EXIF rotation, puts transparent images on white, and crops the centre square
+    Read as the training images are (`upright_rgb`), then the centre square is cropped
     before resizing, so that nothing is stretched. Raises OSError for non-images, ValueError
     for images of more than 8 bits a channel.
     """
     with Image.open(path) as image:
         if deeper_than_8_bits(image):
             raise ValueError(f"{image.mode} pixels (16 or 32 bits); convert it to 8 bits")
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            white = Image.new("RGBA", image.size, "white")
-            image = Image.alpha_composite(white, image.convert("RGBA"))
-        image = image.convert("RGB")
-        image = ImageOps.fit(image, (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+        image = ImageOps.fit(upright_rgb(image), (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 

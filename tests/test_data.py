@@ -17,6 +17,7 @@ from torchvision.datasets import CIFAR10
 
 from cifar_cnn.data import CLASSES, CIFAR10DataModule, _suffix, augment
 from cifar_cnn.errors import DataNotFoundError, UserError
+from cifar_cnn.prediction import load_image_file
 
 from .conftest import make_image_folder
 
@@ -209,6 +210,18 @@ def test_images_of_another_size_stop_the_run_and_grayscale_ones_are_converted(
     Image.new("RGB", (40, 30)).save(wrong)
     with pytest.raises(UserError, match=f"image {wrong} is 40x30, CIFAR-10's are 32x32"):
         ready(tiny_data_dir, tmp_path / "cache")
+
+
+def test_transparent_training_images_are_read_on_white_as_predict_reads_them(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    clear = tiny_data_dir / "test" / "airplane" / "0000.png"
+    (tiny_data_dir / "test" / "airplane" / "0000.jpg").unlink()
+    Image.new("RGBA", (32, 32), (200, 10, 10, 0)).save(clear)  # red, but fully transparent
+    datamodule = ready(tiny_data_dir, tmp_path / "cache")
+    airplane = datamodule.data_test.images[0]
+    assert (airplane == 255).all()
+    assert torch.equal(airplane, load_image_file(clear))
 
 
 def test_unknown_class_folders_and_empty_class_folders_are_named(
