@@ -16,6 +16,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from hydra_plugins.cifar_cnn_search.resumable_optuna import (
+    INTERRUPTED,
+    WORKER,
+    _mark_interrupted,
+    _this_worker,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = Path("outputs/searches/seed_cnn")
 
@@ -91,6 +98,27 @@ def test_a_killed_search_finishes_its_trials_when_rerun(
     [interrupted] = [t for t in study if t.state == TrialState.FAIL]
     assert interrupted.number == 1 and interrupted.user_attrs["interrupted"]
     assert job_folders(tmp_path) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_running_trials_of_dead_processes_are_freed(shared: bool, tmp_path: Path) -> None:
+    """On SQLite, one worker's store, a trial left running on another machine (a search
+    continued on another cluster node) is dead too; on a shared server it may be alive."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    here = _this_worker().rpartition(":")[0]
+    dead, mine, elsewhere = (study.ask() for _ in range(3))
+    dead.set_user_attr(WORKER, f"{here}:{2**22 + 1}")  # above Linux's largest pid
+    mine.set_user_attr(WORKER, _this_worker())  # the process asking: a previous session's
+    elsewhere.set_user_attr(WORKER, f"node-7:{socket.gethostname()}-boot:{os.getpid()}")
+    alive = study.ask()
+    alive.set_user_attr(WORKER, f"{here}:{os.getppid()}")
+
+    _mark_interrupted(study, shared=shared)
+
+    states = [(t.state, t.user_attrs.get(INTERRUPTED)) for t in study.trials]
+    freed = (TrialState.FAIL, True)
+    running = (TrialState.RUNNING, None)
+    assert states == [freed, freed, running if shared else freed, running]
 
 
 def test_failed_trials_are_recorded_and_the_search_goes_on(

@@ -73,7 +73,8 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
             load_if_exists=True,
         )
         _check_same_search(study, distributions, fixed)
-        _mark_interrupted(study)
+        # SQLite serves one worker at a time: its running trials elsewhere are dead too.
+        _mark_interrupted(study, shared=not str(self.storage).startswith("sqlite:"))
         done = len(_counted(study))
         if study.trials:
             # A seeded sampler would otherwise repeat the suggestions of the first session.
@@ -191,21 +192,24 @@ def _counted(study: optuna.Study) -> list[FrozenTrial]:
     ]
 
 
-def _mark_interrupted(study: optuna.Study) -> None:
-    """Fails the running trials of this machine whose process is gone: ended, or from before
-    a reboot (pids are reused). Trials running on other machines (parallel workers sharing a
-    database) are left alone."""
+def _mark_interrupted(study: optuna.Study, shared: bool) -> None:
+    """Fails the running trials whose process is gone: on this machine, ended or from before
+    a reboot (pids are reused); on other machines, every one unless the storage is `shared`
+    by parallel workers (a database server), whose trials are left alone. A search continued
+    on another machine (another node of a cluster) frees the trial that died on the first."""
     host, boot, _ = _this_worker().split(":")
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial_host, trial_boot, pid = trial.user_attrs.get(WORKER, "::").split(":")
-        if trial_host != host or not pid.isdigit():
-            continue
-        if trial_boot != boot or int(pid) == os.getpid() or not _alive(int(pid)):
+        if trial_host == host and pid.isdigit():
+            gone = trial_boot != boot or int(pid) == os.getpid() or not _alive(int(pid))
+        else:
+            gone = not shared
+        if gone:
             running = optuna.Trial(study, trial._trial_id)
             running.set_user_attr(INTERRUPTED, True)
             study.tell(running, state=TrialState.FAIL)
-            log.warning("Trial %d was interrupted (process %s ended): not counted", trial.number,
-                        pid)  # fmt: skip
+            log.warning("Trial %d was interrupted (process %s on %s ended): not counted",
+                        trial.number, pid or "?", trial_host or "?")  # fmt: skip
 
 
 def _this_worker() -> str:
