@@ -232,6 +232,15 @@ class CIFAR10DataModule(L.LightningDataModule):
         # cache at once, never leaves a half-written file under the final name.
         with written_then_renamed(self.cache_path) as partial:
             torch.save(cache, partial)
+        self._remove_outdated_caches()
+
+    def _remove_outdated_caches(self) -> None:
+        """Deletes this data folder's caches of earlier contents or cache formats: each is as
+        large as the data set, and none will be read again."""
+        for outdated in self.cache_dir.glob(f"cifar10-{self._folder_key}-*.pt"):
+            if outdated != self.cache_path:
+                outdated.unlink(missing_ok=True)
+                log.info("Removed the outdated data cache %s", outdated)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
@@ -353,12 +362,17 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     @cached_property
     def cache_path(self) -> Path:
-        """The cache file for the source as it is now: a changed source gets a new file."""
+        """The cache file for the source as it is now, `cifar10-<folder>-<content>.pt`: a
+        changed source gets a new file (and its folder's outdated ones go)."""
         digest = hashlib.sha256(f"format {CACHE_FORMAT}\n{self.data_dir.resolve()}\n".encode())
         for path in self._source_files():
             stat = os.stat(path)
             digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-        return self.cache_dir / f"cifar10-{digest.hexdigest()[:16]}.pt"
+        return self.cache_dir / f"cifar10-{self._folder_key}-{digest.hexdigest()[:16]}.pt"
+
+    @property
+    def _folder_key(self) -> str:
+        return hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
 
     def _layout(self) -> str:
         """Which layout data_dir holds; downloads the torchvision batches when allowed."""

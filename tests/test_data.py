@@ -102,11 +102,16 @@ def test_cache_lives_outside_the_data_and_is_reused(
 
 def test_cache_is_rebuilt_when_the_source_changes(tiny_data_dir: Path, tmp_path: Path) -> None:
     first = ready(tiny_data_dir, tmp_path / "cache")
+    another_folder = ready(
+        make_image_folder(tmp_path / "b", {"train": 3, "test": 1}), first.cache_dir
+    )
     make_image_folder(tmp_path / "other", {"test": 4}, seed=1)
     replacement = tmp_path / "other" / "test" / "bird" / "0001.jpg"
     replacement.replace(tiny_data_dir / "test" / "bird" / "0001.jpg")
     second = ready(tiny_data_dir, tmp_path / "cache")
     assert second.cache_path != first.cache_path
+    assert not first.cache_path.exists()  # outdated: removed
+    assert another_folder.cache_path.is_file()  # another folder's: kept
     changed = 2 * 4 + 1  # bird is class 2, four test images per class
     assert not torch.equal(second.data_test.images[changed], first.data_test.images[changed])
     assert torch.equal(second.data_test.images[changed + 1], first.data_test.images[changed + 1])
