@@ -23,9 +23,11 @@ def fit_briefly(model: ImageClassifier, data_dir: Path, tmp_path: Path, **limits
 
 
 @pytest.fixture
-def trained(tiny_data_dir: Path, tmp_path: Path) -> tuple[L.Trainer, ImageClassifier]:
+def trained(tiny_data_dir: Path, tmp_path: Path) -> tuple[L.Trainer, ImageClassifier, dict]:
+    """A model after 3 steps, and its weights before them."""
     model = ImageClassifier(net=NET, optimizer=ADAM)
-    return fit_briefly(model, tiny_data_dir, tmp_path, max_steps=3), model
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    return fit_briefly(model, tiny_data_dir, tmp_path, max_steps=3), model, initial
 
 
 def test_optimizer_comes_from_the_partial_config() -> None:
@@ -34,18 +36,19 @@ def test_optimizer_comes_from_the_partial_config() -> None:
     assert optimizer.param_groups[0]["lr"] == 3e-4
 
 
-def test_training_changes_the_weights(trained: tuple[L.Trainer, ImageClassifier]) -> None:
-    trainer, model = trained
+def test_training_changes_every_weight(
+    trained: tuple[L.Trainer, ImageClassifier, dict],
+) -> None:
+    trainer, model, initial = trained
     assert trainer.global_step == 3
-    assert not torch.equal(
-        model.net.head[-1].weight, ImageClassifier(NET, ADAM).net.head[-1].weight
-    )
+    for name, parameter in model.named_parameters():
+        assert not torch.equal(parameter, initial[name]), f"{name} did not change"
 
 
 def test_checkpoint_reloads_without_hydra_and_predicts_the_same(
-    trained: tuple[L.Trainer, ImageClassifier], tmp_path: Path
+    trained: tuple[L.Trainer, ImageClassifier, dict], tmp_path: Path
 ) -> None:
-    trainer, model = trained
+    trainer, model, _ = trained
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path, weights_only=False)  # the full checkpoint, as training saves
 
@@ -94,34 +97,58 @@ def test_schedulers_without_a_length_work_too(tiny_data_dir: Path, tmp_path: Pat
 def test_epoch_figures_are_the_mean_batch_loss_and_the_share_of_correct_images(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
-    """With a learning rate of 0 and no dropout the net is the same at every step, so the
-    epoch's figures can be recomputed from its batches afterwards."""
+    """Each batch's loss and correct predictions, recorded as it trains (no dropout: the
+    net computes the same before its step as inside it), make the epoch's figures: the
+    second epoch's, of its own batches only."""
 
     class Batches(L.Callback):
         def __init__(self) -> None:
-            self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+            self.seen: list[tuple[int, int, int, float]] = []  # epoch, correct, images, loss
+
+        def on_train_batch_start(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+        ) -> None:
+            images, labels = batch
+            with torch.no_grad():
+                self._correct = int((pl_module.net(images).argmax(1) == labels).sum())
 
         def on_train_batch_end(
             self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
             batch_idx: int,
         ) -> None:  # fmt: skip
-            self.seen.append((*batch, outputs["loss"].detach()))
+            epoch, images = trainer.current_epoch, len(batch[1])
+            self.seen.append((epoch, self._correct, images, outputs["loss"].item()))
 
-    model = ImageClassifier(net={**NET, "dropout": 0.0}, optimizer={**ADAM, "lr": 0.0})
+    model = ImageClassifier(net={**NET, "dropout": 0.0}, optimizer=ADAM)
     batches = Batches()
     trainer = L.Trainer(
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, max_epochs=1,
+        enable_model_summary=False, default_root_dir=tmp_path, max_epochs=2,
         limit_val_batches=0, callbacks=[batches],
     )  # fmt: skip
     trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
 
-    images = sum(len(labels) for _, labels, _ in batches.seen)
-    assert len(batches.seen) == 5 and images == 80
-    with torch.no_grad():
-        correct = sum(int((model.net(x).argmax(1) == y).sum()) for x, y, _ in batches.seen)
-    losses = torch.stack([loss for _, _, loss in batches.seen])
+    second = [(correct, images, loss) for epoch, correct, images, loss in batches.seen if epoch]
+    assert len(batches.seen) == 10 and len(second) == 5
+    correct, images = sum(row[0] for row in second), sum(row[1] for row in second)
     figures = trainer.callback_metrics
-    assert figures["train/loss_epoch"] == pytest.approx(losses.mean().item(), rel=1e-6)
+    mean_loss = sum(row[2] for row in second) / 5
+    assert figures["train/loss_epoch"] == pytest.approx(mean_loss, rel=1e-6)
     assert figures["train/acc_epoch"] == pytest.approx(correct / images)
-    assert 0 < correct < images  # a figure that a wrong count would change
+    assert images == 80 and 0 < correct < images  # a figure that a wrong count would change
+
+
+def test_the_sanity_check_before_training_is_no_result(tiny_data_dir: Path, tmp_path: Path) -> None:
+    class BestSoFar(L.Callback):
+        def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.updates = pl_module.val_acc_best.update_count
+
+    best_so_far = BestSoFar()
+    trainer = L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, max_steps=1,
+        num_sanity_val_steps=2, callbacks=[best_so_far],
+    )  # fmt: skip
+    datamodule = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16)
+    trainer.fit(ImageClassifier(net=NET, optimizer=ADAM), datamodule)
+    assert best_so_far.updates == 0
