@@ -35,8 +35,10 @@ def test_load_checkpoint_gives_the_saved_model(checkpoint: Path) -> None:
 def test_run_folder_resolves_to_its_best_checkpoint(tmp_path: Path, checkpoint: Path) -> None:
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
-    for name in ("epoch_001.ckpt", "epoch_004.ckpt", "last.ckpt"):
+    for name in ("epoch_001.ckpt", "last.ckpt"):  # what a run killed in its second epoch leaves
         (folder / name).write_bytes(checkpoint.read_bytes())
+    assert resolve_checkpoint(tmp_path / "run") == folder / "epoch_001.ckpt"  # its only best
+    (folder / "epoch_004.ckpt").write_bytes(checkpoint.read_bytes())
     assert resolve_checkpoint(tmp_path / "run") == folder / "last.ckpt"  # two candidates
     (tmp_path / "run" / "metrics.json").write_text('{"status": "comp')  # cut short: no record
     assert resolve_checkpoint(tmp_path / "run") == folder / "last.ckpt"

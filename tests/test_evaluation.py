@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifar_cnn.data import CLASSES, CIFAR10DataModule
 from cifar_cnn.errors import UserError
-from cifar_cnn.evaluation import evaluate
+from cifar_cnn.evaluation import evaluate, plot_errors
 from cifar_cnn.training import train
 
 from .conftest import compose_in
@@ -92,6 +92,15 @@ def test_eval_on_val_uses_the_split_the_checkpoint_was_trained_with(
         return torch.bincount(datamodule.data_val.labels).tolist()
 
     assert support == val_counts(3) != val_counts(0)
+
+
+def test_the_errors_figure_shows_the_most_confident_mistakes_first() -> None:
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    logits = torch.zeros(5, 10)
+    logits[0, 5], logits[1, 1], logits[2, 7], logits[3, 9] = 2.0, 9.0, 6.0, 4.0  # 1 is right
+    figure = plot_errors(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), labels, logits, count=2)
+    titles = [axes.get_title().split("\n")[0] for axes in figure.axes if axes.get_title()]
+    assert titles == ["bird → horse", "cat → truck"]  # 6.0, then 4.0; not 2.0 nor the right one
 
 
 @pytest.mark.slow  # a second short training, in bf16

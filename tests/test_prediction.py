@@ -25,6 +25,18 @@ def test_transparent_images_are_put_on_white(tmp_path: Path) -> None:
     assert (result[:, :14] == 255).all() and (result[:, 18:] == (255, 0, 0)).all()
 
 
+def test_photos_are_turned_upright_by_their_exif_tag(tmp_path: Path) -> None:
+    """A camera stores a portrait photo on its side, with orientation 6: turn it 90° right."""
+    stored = Image.new("RGB", (64, 64), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 64, 32))  # red at the top as stored: the right once upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to view
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    upright = pixels(tmp_path / "photo.jpg").astype(int)
+    assert np.abs(upright[:, 20:] - (255, 0, 0)).max() <= 12  # red on the right
+    assert np.abs(upright[:, :12] - (0, 0, 255)).max() <= 12  # blue on the left
+
+
 def test_grayscale_and_palette_images_become_rgb(tmp_path: Path) -> None:
     Image.new("L", (32, 32), 90).save(tmp_path / "gray.png")
     Image.new("RGB", (32, 32), (0, 0, 255)).convert("P").save(tmp_path / "palette.gif")
