@@ -45,6 +45,8 @@ def test_train_speed_smoke_run_writes_json(
         # A whole run's training time, warm-up epoch included (the mean over runs).
         whole_run = sum(figures["epoch_times_s"]) / runs
         assert figures["train_s"] == pytest.approx(whole_run, abs=0.01)
+        timed = figures["epoch_times_s"][1::2]  # each run's second epoch: the first warms up
+        assert figures["epoch_s"] == pytest.approx(sum(timed) / len(timed), abs=1e-3)
     assert "ratio project/reference" in stdout
 
 

@@ -52,6 +52,22 @@ def test_the_loss_is_checked_without_a_read_per_step_and_before_any_checkpoint(
     assert messages[0] == messages[1]
 
 
+def test_a_checkpoint_saved_by_ctrl_c_after_the_loss_diverged_is_refused(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    """Ctrl-C mid-epoch saves last.ckpt before any validation or epoch end checks the loss."""
+    cfg = compose_config(
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=4", "model.optimizer.lr=1e12",
+        "trainer.accelerator=cpu", "trainer.log_every_n_steps=1000",
+        "+callbacks.interrupt._target_=tests.test_resume.InterruptAtStep",
+        "+callbacks.interrupt.step=12",  # of 20 steps in the epoch
+    )  # fmt: skip
+    with pytest.raises(TrainingStopped, match=r"loss became (nan|inf) at step ([0-9]|1[01]) "):
+        train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_last_ckpt_and_exits_non_zero(
     signum: signal.Signals, data_dir: Path, cache_dir: Path, tmp_path: Path

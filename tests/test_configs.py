@@ -101,6 +101,7 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
             "data.crop_padding=-2",
             "data.crop_padding=-2 is not allowed: it must be a whole number in [0, 32)",
         ),
+        ("data.crop_padding=32", "data.crop_padding=32 is not allowed"),
         ("experiment=seed_augmented model.scheduler.max_lr=0", "model.scheduler.max_lr=0 is not"),
         ("experiment=fast model.label_smoothing=1.0", "model.label_smoothing=1.0 is not"),
         ("experiment=fast model.optimizer.momentum=1.2", "model.optimizer.momentum=1.2 is not"),

@@ -109,9 +109,11 @@ def test_summary_sorts_best_first_and_groups_seeds(tmp_path: Path) -> None:
             metrics,
         )
     fake_job(tmp_path, "4", ["model.optimizer.lr=1.0", "seed=1", "data.batch_size=64"], None)
+    alone = {"status": "completed", "val/acc_best": 0.5, "test/acc": 0.5}  # one seed: no group
+    fake_job(tmp_path, "5", ["model.optimizer.lr=0.1", "seed=1", "data.batch_size=64"], alone)
 
     rows = write_summary(tmp_path)
-    assert [row["job"] for row in rows] == ["2", "3", "1", "0", "4"]
+    assert [row["job"] for row in rows] == ["2", "3", "1", "0", "5", "4"]
     assert rows[-1]["status"] == "unfinished"
     summary = (tmp_path / "summary.md").read_text()
     assert "Every job: `data.batch_size=64`" in summary
@@ -122,6 +124,7 @@ def test_summary_sorts_best_first_and_groups_seeds(tmp_path: Path) -> None:
         in summary
     )
     assert "| model.optimizer.lr=0.001 | 2 | 0.6200 ± 0.0283 | 0.6100 ± 0.0283 |  |" in summary
+    assert "| model.optimizer.lr=0.1 |" not in summary
 
 
 def test_summary_of_a_folder_without_jobs_is_an_error(tmp_path: Path) -> None:
