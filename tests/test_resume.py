@@ -318,6 +318,17 @@ def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
     other = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16, flip=True)
     with pytest.raises(UserError, match="data.flip is False there, True now"):
         _check_same_settings(saved, path, other, model)
+    # Settings that change what a run learns, unlike data_dir, eval_batch_size or on_device.
+    for name, value in (("batch_size", 32), ("split_seed", 1), ("val_fraction", 0.3),
+                        ("shuffle_seed", 5)):  # fmt: skip
+        other = CIFAR10DataModule(
+            tiny_data_dir, tmp_path / "cache", **{"batch_size": 16, name: value}
+        )
+        with pytest.raises(UserError, match=f"data.{name} is .* there, {value} now"):
+            _check_same_settings(saved, path, other, model)
+    elsewhere = CIFAR10DataModule(tiny_data_dir.parent, tmp_path / "other-cache", batch_size=16,
+                                  eval_batch_size=7, on_device=True)  # fmt: skip
+    _check_same_settings(saved, path, elsewhere, model)
 
     # An argument the checkpoint's optimizer left out had its default (Adam's `fused`: None).
     net = {"_target_": "cifar_cnn.nets.SeedCNN"}
