@@ -172,6 +172,52 @@ def test_a_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
     assert all(torch.equal(value, got[key]) for key, value in expected.items())
 
 
+class ZeroWeightsFrom(L.Callback):
+    """Zeroes the net's weights as epoch `epoch` starts: its dead ReLUs learn nothing after,
+    and it predicts one class, so that an earlier epoch stays the best."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                for parameter in pl_module.net.parameters():
+                    parameter.zero_()
+
+
+def test_the_best_epoch_is_tested_and_stays_the_best_across_a_resume(
+    compose_config: Callable[..., DictConfig], data_dir: Path, cache_dir: Path
+) -> None:
+    run = [
+        f"data.data_dir={data_dir}", "trainer.accelerator=cpu", "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=30", "+trainer.limit_val_batches=4",
+        "logger.tensorboard=null", f"+callbacks.zero._target_={__name__}.ZeroWeightsFrom",
+        "+callbacks.zero.epoch=1",
+    ]  # fmt: skip
+    cfg = compose_config(*run)
+    first = train(cfg)
+    folder = Path(cfg.paths.output_dir)
+    checkpoints = folder / "checkpoints"
+    assert first["best_checkpoint"] == str(checkpoints / "epoch_000.ckpt")
+
+    def test_accuracy(checkpoint: Path) -> float:
+        model = ImageClassifier.load_from_checkpoint(checkpoint, weights_only=True)
+        tester = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        [figures] = tester.test(model, CIFAR10DataModule(data_dir, cache_dir), verbose=False)
+        return figures["test/acc"]
+
+    best = test_accuracy(checkpoints / "epoch_000.ckpt")
+    assert first["test/acc"] == pytest.approx(best, abs=1e-6)
+    assert best > test_accuracy(checkpoints / "last.ckpt") + 0.05  # the last weights are worse
+
+    longer = [*run, "trainer.max_epochs=3", f"ckpt_path={folder}"]
+    resumed = train(compose_in("train", longer, folder, cache_dir))
+    assert resumed["epochs"] == 3
+    for figure in ("val/acc_best", "best_checkpoint", "test/acc"):
+        assert resumed[figure] == first[figure]
+
+
 def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_resumes_exactly(
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
 ) -> None:
