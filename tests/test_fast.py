@@ -182,7 +182,13 @@ def test_the_whitened_stem_decorrelates_image_patches_and_stays_frozen() -> None
     net.whiten_stem(images)
     filters = net.stem.weight[:12]  # the other 12 are their negatives
     assert torch.equal(net.stem.weight[12:], -filters)
-    features = F.conv2d((images - net.mean) / net.std, filters).transpose(0, 1).flatten(1)
+    seen = {}  # what the stem makes of the images inside forward, and what the stages get
+    net.stem.register_forward_hook(lambda module, args, output: seen.update(stem=output))
+    net.stages.register_forward_pre_hook(lambda module, args: seen.update(stages=args[0]))
+    with torch.no_grad():
+        net.eval()(images)
+    assert torch.equal(seen["stages"], F.gelu(seen["stem"]))
+    features = seen["stem"][:, :12].transpose(0, 1).flatten(1)  # the whitened patches
     second_moment = features @ features.T / features.shape[1]
     off_diagonal = second_moment - torch.diag(second_moment.diag())
     assert off_diagonal.abs().max() < 1e-3  # decorrelated
