@@ -304,11 +304,14 @@ class CIFAR10DataModule(L.LightningDataModule):
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
     ) -> tuple[Tensor, Tensor]:
         """Scales uint8 images to floats in [0, 1] on the device (a quarter of the bytes travel),
-        then augments training batches there."""
+        in the dtype of the trainer's precision (bf16-true, 64-true: Lightning converts inputs
+        before the transfer, when they are still integers), then augments training batches."""
         images, labels = batch
         images = to_float_images(images)
-        if self.trainer is not None and self.trainer.training:
-            images = augment(images, self.hparams.flip, self.hparams.crop_padding)
+        if self.trainer is not None:
+            images = self.trainer.precision_plugin.convert_input(images)
+            if self.trainer.training:
+                images = augment(images, self.hparams.flip, self.hparams.crop_padding)
         return images, labels
 
     def _batches(

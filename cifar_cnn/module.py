@@ -195,7 +195,9 @@ class ImageClassifier(L.LightningModule):
         """Loss and accuracy of one batch, logged per epoch as `<split>/loss`, `<split>/acc`."""
         images, labels = batch
         logits = self(images)  # with test-time augmentation when it is on
-        loss = F.cross_entropy(logits, labels)
+        # In float32 whatever the precision (autocast does so too): under bf16-true the
+        # figure would otherwise carry bf16's rounding, which eval.py's does not.
+        loss = F.cross_entropy(logits.float(), labels)
         accuracy = getattr(self, f"{split}_acc")
         accuracy.update(logits, labels)
         # DDP: the accuracies are torchmetrics, which sum over processes themselves; the

@@ -12,6 +12,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
@@ -353,6 +354,6 @@ def test_only_training_batches_are_augmented(tiny_data_dir: Path, tmp_path: Path
     batch = next(iter(datamodule.train_dataloader()))
     plain = batch[0].float() / 255
     for training in (False, True):
-        datamodule.trainer = SimpleNamespace(training=training)
+        datamodule.trainer = SimpleNamespace(training=training, precision_plugin=Precision())
         images, _ = datamodule.on_after_batch_transfer(batch, 0)
         assert torch.equal(images, plain) != training

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig
 from torch import nn
 
@@ -61,7 +62,7 @@ def test_device_path_and_dataloader_give_the_same_batches(
             assert torch.equal(images, same_images) and torch.equal(labels, same_labels)
             augmented = []
             for datamodule, batch in ((loader, (images, labels)), (device, (same_images, labels))):
-                datamodule.trainer = SimpleNamespace(training=True)
+                datamodule.trainer = SimpleNamespace(training=True, precision_plugin=Precision())
                 torch.manual_seed(epoch)  # the augmentation draws alike too
                 augmented.append(datamodule.on_after_batch_transfer(batch, 0)[0])
                 datamodule.trainer = None
@@ -127,7 +128,7 @@ def test_augmented_device_batches_keep_shape_type_and_range(
 ) -> None:
     datamodule = ready(tiny_data_dir, tmp_path / "cache", on_device=True, flip=True, crop_padding=4)
     images, labels = next(iter(datamodule.train_dataloader()))
-    datamodule.trainer = SimpleNamespace(training=True)
+    datamodule.trainer = SimpleNamespace(training=True, precision_plugin=Precision())
     floats, same_labels = datamodule.on_after_batch_transfer((images, labels), 0)
     assert floats.shape == images.shape == (64, 3, 32, 32) and floats.dtype == torch.float32
     assert floats.min() >= 0.0 and floats.max() <= 1.0
