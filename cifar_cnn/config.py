@@ -80,6 +80,11 @@ def stdout_isatty() -> bool:
     return sys.stdout.isatty()
 
 
+def on_cuda(accelerator: str) -> bool:
+    """True when the trainer's `accelerator` puts it on CUDA GPUs on this machine."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def run_folder(checkpoint: str | None, new_folder: str) -> str:
     """Where a run writes: the folder of the run that `ckpt_path` resumes, else `new_folder`."""
     resumed = resumed_run(checkpoint) if checkpoint else None
@@ -104,6 +109,7 @@ def config_subfolder(checkpoint: str | None) -> str:
 
 OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty, replace=True)
 OmegaConf.register_new_resolver("gpu_count", torch.cuda.device_count, replace=True)
+OmegaConf.register_new_resolver("on_cuda", on_cuda, replace=True)
 OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 OmegaConf.register_new_resolver("config_subfolder", config_subfolder, replace=True)
 # Run folder names end in the process id: two runs started in the same second differ.

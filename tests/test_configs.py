@@ -56,6 +56,21 @@ def test_default_config_is_the_seed_experiment(compose_config: Callable[..., Dic
     assert seed.trainer.max_epochs == cfg.trainer.max_epochs
 
 
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_ddp_syncs_batchnorm_on_gpus_only(
+    has_cuda: bool, monkeypatch: pytest.MonkeyPatch, compose_config: Callable[..., DictConfig]
+) -> None:
+    """PyTorch's SyncBatchNorm fails on CPU processes: `trainer=ddp` on a machine without GPUs
+    stopped in every process before."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    assert compose_config("trainer=ddp").trainer.sync_batchnorm is has_cuda
+    assert (
+        compose_config("trainer=ddp", "trainer.accelerator=gpu").trainer.sync_batchnorm is has_cuda
+    )
+    assert compose_config("trainer=ddp", "trainer.accelerator=cpu").trainer.sync_batchnorm is False
+    assert compose_config("trainer=ddp_cpu").trainer.sync_batchnorm is False
+
+
 def test_data_dir_comes_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, compose_config: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
