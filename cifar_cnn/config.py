@@ -56,6 +56,7 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise UserError(f"{key}={value!r} is not allowed: it must be {description}")
     _check_clipping(cfg)
+    _check_gpu_present(cfg)
 
 
 MIXED_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed")
@@ -72,6 +73,17 @@ def _check_clipping(cfg: DictConfig) -> None:
             f"trainer.gradient_clip_val={clip!r} with trainer.precision={precision} needs "
             "model.optimizer.fused=false: Lightning cannot clip a fused optimizer's gradients "
             "under mixed precision"
+        )
+
+
+def _check_gpu_present(cfg: DictConfig) -> None:
+    """Lightning's own message for a GPU accelerator on a machine without one names no GPU."""
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Apple's GPUs
+    if accelerator in ("gpu", "cuda") and not (torch.cuda.is_available() or mps):
+        raise UserError(
+            f"trainer.accelerator={accelerator}, but this machine has no GPU that torch can use: "
+            "use trainer=cpu, or trainer.accelerator=auto to take a GPU where there is one"
         )
 
 
