@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,6 +58,7 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is not allowed: it must be {description}")
     _check_clipping(cfg)
     _check_gpu_present(cfg)
+    _check_lr_takes_effect(cfg)
 
 
 MIXED_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed")
@@ -73,6 +75,33 @@ def _check_clipping(cfg: DictConfig) -> None:
             f"trainer.gradient_clip_val={clip!r} with trainer.precision={precision} needs "
             "model.optimizer.fused=false: Lightning cannot clip a fused optimizer's gradients "
             "under mixed precision"
+        )
+
+
+# Schedulers that set the learning rate themselves, from their own arguments.
+RATE_SETTING_SCHEDULERS = (
+    "torch.optim.lr_scheduler.OneCycleLR",
+    "torch.optim.lr_scheduler.CyclicLR",
+)
+
+
+def _check_lr_takes_effect(cfg: DictConfig) -> None:
+    """A `model.optimizer.lr` given on the command line (or by a sweep) under OneCycleLR would
+    change nothing: say so rather than run (or sweep) it."""
+    scheduler = OmegaConf.select(cfg, "model.scheduler._target_")
+    if scheduler not in RATE_SETTING_SCHEDULERS or not HydraConfig.initialized():
+        return
+    given = [
+        o
+        for o in HydraConfig.get().overrides.task
+        if o.lstrip("+").startswith("model.optimizer.lr=")
+    ]
+    if given:
+        name = scheduler.rpartition(".")[2]
+        raise UserError(
+            f"{given[0]} has no effect: {name} sets the learning rate itself "
+            f"(model.scheduler.max_lr, {OmegaConf.select(cfg, 'model.scheduler.max_lr')} here); "
+            "set or sweep that instead"
         )
 
 

@@ -118,6 +118,11 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
         ),
         ("data.crop_padding=32", "data.crop_padding=32 is not allowed"),
         ("experiment=seed_augmented model.scheduler.max_lr=0", "model.scheduler.max_lr=0 is not"),
+        (
+            "experiment=seed_augmented model.optimizer.lr=0.01",
+            "model.optimizer.lr=0.01 has no effect: OneCycleLR sets the learning rate itself "
+            "(model.scheduler.max_lr, 0.003 here)",
+        ),
         ("experiment=fast model.label_smoothing=1.0", "model.label_smoothing=1.0 is not"),
         ("experiment=fast model.optimizer.momentum=1.2", "model.optimizer.momentum=1.2 is not"),
         ("experiment=fast model.norm_bias_lr_scale=0", "model.norm_bias_lr_scale=0 is not"),
