@@ -4,6 +4,7 @@ Checkpoints are read with torch's weights-only unpickler: a file can hold only t
 plain values, so opening one runs no code from it. Ours need nothing more.
 """
 
+import glob
 import pickle
 import zipfile
 from pathlib import Path
@@ -39,9 +40,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"checkpoint {path} does not exist")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     record = read_record(path / "metrics.json") or {}
-    best = folder / Path(record.get("best_checkpoint") or "-").name
-    if best.is_file():  # a finished run names its best checkpoint
-        return best
+    name = Path(record.get("best_checkpoint") or "-").name
+    # A finished run names its best checkpoint: looked up by name in the run folder, which
+    # may have moved, and where Lightning's own checkpoint callback saves (run without ours).
+    for best in (folder / name, *sorted(path.rglob(glob.escape(name)))):
+        if best.is_file():
+            return best
     candidates = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
     if len(candidates) == 1:
         return candidates[0]

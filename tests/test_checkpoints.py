@@ -51,6 +51,15 @@ def test_run_folder_resolves_to_its_best_checkpoint(tmp_path: Path, checkpoint: 
     assert resolve_checkpoint(tmp_path / "run") == folder / "epoch_004.ckpt"
     assert resolve_checkpoint(folder / "epoch_001.ckpt") == folder / "epoch_001.ckpt"
 
+    # A run without our checkpoint callbacks: Lightning's own saves under the logger's folder.
+    lightnings = tmp_path / "bare" / "tensorboard" / "checkpoints" / "epoch=0-step=3.ckpt"
+    lightnings.parent.mkdir(parents=True)
+    lightnings.write_bytes(checkpoint.read_bytes())
+    (tmp_path / "bare" / "metrics.json").write_text(
+        json.dumps({"best_checkpoint": str(lightnings)})
+    )
+    assert resolve_checkpoint(tmp_path / "bare") == lightnings
+
 
 def test_missing_and_empty_paths_are_named(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=f"checkpoint {tmp_path / 'gone.ckpt'} does not exist"):
