@@ -83,7 +83,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # The module's record, not callback_metrics: a run resumed from a checkpoint of an
         # epoch's last batch (GracefulStop saved those before it let such an epoch end) ends
         # without a validation (Lightning counts that epoch as done).
-        val_acc_best = float(model.val_acc_best.compute())
+        # None (JSON null, not -Infinity) when no validation ran (limit_val_batches=0, say).
+        val_acc_best = (
+            float(model.val_acc_best.compute()) if model.val_acc_best.update_count else None
+        )
         # The best checkpoint when there is one; fast_dev_run saves none: test the last weights.
         [test_metrics] = trainer.test(
             model, datamodule, ckpt_path="best" if best else None, weights_only=True
@@ -119,7 +122,7 @@ def train_in_sweep(cfg: DictConfig) -> float:
         recorded = _completed_record(cfg)
         if recorded is not None:  # requeued, or its sweep run again, after it completed
             log.info("This job's run completed before: its figures stand")
-            return recorded.get(cfg.optimized_metric, float("nan"))
+            return _figure(recorded, cfg.optimized_metric)
         own_checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         if own_checkpoint.is_file():
             # A job started again in its own folder: a cluster job requeued after preemption
@@ -129,7 +132,7 @@ def train_in_sweep(cfg: DictConfig) -> float:
                 cfg.ckpt_path = str(own_checkpoint)
         if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
             _ddp_processes_join_this_job(cfg)
-        return train(cfg)[cfg.optimized_metric]
+        return _figure(train(cfg), cfg.optimized_metric)
     except StoppedBySignal as error:
         _record_failure(cfg, "stopped", error)
         log.error("%s", error)
@@ -141,6 +144,12 @@ def train_in_sweep(cfg: DictConfig) -> float:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return float("nan")
+
+
+def _figure(metrics: dict[str, Any], name: str) -> float:
+    """A run's figure for a sweeper; NaN when the run has none (no validation ran, say)."""
+    value = metrics.get(name)
+    return float("nan") if value is None else value
 
 
 def _ddp_processes_join_this_job(cfg: DictConfig) -> None:
@@ -190,7 +199,9 @@ def _hyperparameters(cfg: DictConfig) -> dict[str, Any]:
 def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Final figures under `hp/` names: one point each, apart from the training curves."""
     names = ("val/acc_best", "test/acc", "test/loss")
-    return {"hp/" + name.replace("/", "_"): metrics[name] for name in names}
+    return {
+        "hp/" + name.replace("/", "_"): metrics[name] for name in names if metrics[name] is not None
+    }
 
 
 # Data settings that change where data lives or how fast it is read, not what a run learns.

@@ -90,6 +90,24 @@ def test_last_ckpt_is_the_latest_epoch_when_an_earlier_one_was_best(
     assert (last["epoch"], last["global_step"]) == (2, 15)  # 5 steps an epoch
 
 
+def test_a_run_without_validation_records_no_best_and_valid_json(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path
+) -> None:
+    cfg = compose_config(
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
+        "trainer.max_epochs=1", "+trainer.limit_val_batches=0",
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["val/acc_best"] is None and metrics["best_checkpoint"] == ""
+    text = (Path(cfg.paths.output_dir) / "metrics.json").read_text()
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(text, parse_constant=refuse) == metrics  # no -Infinity, no NaN
+    assert 0 <= metrics["test/acc"] <= 1
+
+
 def test_best_checkpoint_reproduces_the_reported_test_accuracy(
     compose_config: Callable[..., DictConfig], data_dir: Path, cache_dir: Path
 ) -> None:
