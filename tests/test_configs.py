@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -69,6 +70,14 @@ def test_ddp_syncs_batchnorm_on_gpus_only(
     )
     assert compose_config("trainer=ddp", "trainer.accelerator=cpu").trainer.sync_batchnorm is False
     assert compose_config("trainer=ddp_cpu").trainer.sync_batchnorm is False
+
+
+def test_debug_runs_and_sweeps_stay_apart_from_real_ones() -> None:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["debug=fast_dev_run"], return_hydra_config=True)
+    log_dir = cfg.paths.log_dir
+    assert cfg.hydra.run.dir.startswith(f"{log_dir}/debug/")
+    assert cfg.hydra.sweep.dir.startswith(f"{log_dir}/debug/multiruns/")
 
 
 def test_data_dir_comes_from_the_environment(
