@@ -204,8 +204,11 @@ def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-# Data settings that change where data lives or how fast it is read, not what a run learns.
+# Settings that change where data lives or how fast a run goes, not what it learns.
+# (channels_last is not one: the optimizer's saved state keeps the layout it was made in,
+# and torch's fused Adam then mixes up elements of the two layouts.)
 DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size", "on_device")
+MODEL_SPEED = ("compile",)
 
 
 def _check_unfinished(saved: dict[str, Any], checkpoint: Path, trainer: L.Trainer) -> None:
@@ -245,6 +248,7 @@ def _check_same_settings(
         then[part] = _defaults(type(component)) | then[part]
     for settings in (now, then):
         settings["data"] = {k: v for k, v in settings["data"].items() if k not in DATA_PLACES}
+        settings["model"] = {k: v for k, v in settings["model"].items() if k not in MODEL_SPEED}
     differences = {
         key: pair for key, pair in sorted(_paired(then, now).items()) if pair[0] != pair[1]
     }

@@ -374,7 +374,10 @@ def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
             _check_same_settings(saved, path, other, model)
     elsewhere = CIFAR10DataModule(tiny_data_dir.parent, tmp_path / "other-cache", batch_size=16,
                                   eval_batch_size=7, on_device=True)  # fmt: skip
-    _check_same_settings(saved, path, elsewhere, model)
+    compiled = ImageClassifier(
+        net={"_target_": "cifar_cnn.nets.SeedCNN"}, optimizer=ADAM, compile=True
+    )
+    _check_same_settings(saved, path, elsewhere, compiled)
 
     # An argument the checkpoint's optimizer left out had its default (Adam's `fused`: None).
     net = {"_target_": "cifar_cnn.nets.SeedCNN"}
