@@ -59,6 +59,11 @@ def validate(cfg: DictConfig) -> None:
     _check_clipping(cfg)
     _check_gpu_present(cfg)
     _check_lr_takes_effect(cfg)
+    if OmegaConf.select(cfg, "trainer.fast_dev_run") and OmegaConf.select(cfg, "ckpt_path"):
+        raise UserError(
+            "trainer.fast_dev_run (debug=fast_dev_run) runs one batch of a new run: it does not "
+            "go with ckpt_path"
+        )
 
 
 MIXED_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed")
