@@ -53,13 +53,11 @@ def test_real_labels_are_cifar10_order_and_balanced(
     train_labels = torch.cat([real.data_train.labels, real.data_val.labels])
     assert torch.bincount(train_labels).tolist() == [5000] * 10
     assert torch.bincount(real.data_test.labels).tolist() == [1000] * 10
-    # The test set keeps the folder's order: class by class, files sorted by name.
+    # The test set: each class's first file (by name), then each one's second, ...
     for label, name in enumerate(CLASSES):
         first = np.array(Image.open(min((data_dir / "test" / name).iterdir())))
-        assert torch.equal(
-            real.data_test.images[label * 1000], torch.from_numpy(first).permute(2, 0, 1)
-        )
-        assert real.data_test.labels[label * 1000] == label
+        assert torch.equal(real.data_test.images[label], torch.from_numpy(first).permute(2, 0, 1))
+    assert real.data_test.labels.tolist() == list(range(10)) * 1000
 
 
 def test_real_batches_are_uint8_then_floats_in_unit_range(real: CIFAR10DataModule) -> None:
@@ -88,6 +86,16 @@ def test_split_is_seeded_and_stable(tiny_data_dir: Path, tmp_path: Path) -> None
     assert not torch.equal(first.data_val.images, other.data_val.images)
 
 
+def test_the_test_images_interleave_the_classes_so_any_part_holds_all(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    extra = tiny_data_dir / "test" / "ship" / "0004.jpg"  # classes of other sizes: ship has 5
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(extra)
+    (tiny_data_dir / "test" / "dog" / "0003.jpg").unlink()  # and dog 3
+    labels = ready(tiny_data_dir, tmp_path / "cache").data_test.labels.tolist()
+    assert labels == [*range(10)] * 3 + [0, 1, 2, 3, 4, 6, 7, 8, 9] + [8]
+
+
 def test_cache_lives_outside_the_data_and_is_reused(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,7 +121,7 @@ def test_cache_is_rebuilt_when_the_source_changes(tiny_data_dir: Path, tmp_path:
     assert second.cache_path != first.cache_path
     assert not first.cache_path.exists()  # outdated: removed
     assert another_folder.cache_path.is_file()  # another folder's: kept
-    changed = 2 * 4 + 1  # bird is class 2, four test images per class
+    changed = 1 * 10 + 2  # each class's second image (0001.jpg) follows the ten first ones
     assert not torch.equal(second.data_test.images[changed], first.data_test.images[changed])
     assert torch.equal(second.data_test.images[changed + 1], first.data_test.images[changed + 1])
 
@@ -209,7 +217,7 @@ def test_images_of_another_size_stop_the_run_and_grayscale_ones_are_converted(
 ) -> None:
     Image.new("L", (32, 32), 77).save(tiny_data_dir / "test" / "frog" / "0000.jpg")
     datamodule = ready(tiny_data_dir, tmp_path / "cache")
-    frog = datamodule.data_test.images[6 * 4]  # the first frog: four test images per class
+    frog = datamodule.data_test.images[6]  # the first frog: the classes are interleaved
     assert frog.shape == (3, 32, 32) and (frog == 77).all()
 
     wrong = tiny_data_dir / "train" / "deer" / "0003.jpg"
