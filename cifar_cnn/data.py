@@ -236,9 +236,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         self._remove_outdated_caches()
 
     def _remove_outdated_caches(self) -> None:
-        """Deletes this data folder's caches of earlier contents or cache formats: each is as
-        large as the data set, and none will be read again."""
-        for outdated in self.cache_dir.glob(f"cifar10-{self._folder_key}-*.pt"):
+        """Deletes this data folder's caches of earlier contents or cache formats, and caches
+        of the first format (`cifar10-<content>.pt`, of any folder): each is as large as the
+        data set, and none will be read again."""
+        first_format = self.cache_dir.glob("cifar10-" + "[0-9a-f]" * 16 + ".pt")
+        for outdated in [*self.cache_dir.glob(f"cifar10-{self._folder_key}-*.pt"), *first_format]:
             if outdated != self.cache_path:
                 outdated.unlink(missing_ok=True)
                 log.info("Removed the outdated data cache %s", outdated)
@@ -260,6 +262,9 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def _load_cache(self) -> dict[str, Tensor]:
         """The cache's tensors; an unreadable cache (a truncated file, say) is rebuilt."""
+        if not self.cache_path.exists():  # removed as outdated by a run that saw new data
+            del self.cache_path  # computed again, from the data folder as it is now
+            self.prepare_data()
         try:
             cache = torch.load(self.cache_path, weights_only=True)
             if set(cache) != {"train_images", "train_labels", "test_images", "test_labels"}:
@@ -374,8 +379,9 @@ class CIFAR10DataModule(L.LightningDataModule):
             digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
         return self.cache_dir / f"cifar10-{self._folder_key}-{digest.hexdigest()[:16]}.pt"
 
-    @property
+    @cached_property
     def _folder_key(self) -> str:
+        """The part of the cache's name that stands for the data folder."""
         return hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
 
     def _layout(self) -> str:
@@ -444,9 +450,13 @@ class CIFAR10DataModule(L.LightningDataModule):
                 )
             images, others = [], []
             # Subfolders too, as torchvision's ImageFolder reads a class: its own files first,
-            # then each subfolder's, all by name.
-            for folder, subfolders, names in os.walk(class_dir, followlinks=True):
-                subfolders.sort()
+            # then each subfolder's, all by name. Not hidden ones (.ipynb_checkpoints, say),
+            # nor linked ones, which may lead out of the class (a link to "..").
+            for folder, subfolders, names in os.walk(class_dir):
+                others += [os.path.join(folder, d) for d in subfolders if d.startswith(".")]
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                others += [os.path.join(folder, d) for d in subfolders
+                           if os.path.islink(os.path.join(folder, d))]  # fmt: skip
                 for name in sorted(names):
                     is_image = _suffix(name).lower() in IMAGE_SUFFIXES
                     (images if is_image else others).append(os.path.join(folder, name))
@@ -459,7 +469,8 @@ class CIFAR10DataModule(L.LightningDataModule):
             skipped += others
         if skipped:
             log.warning(
-                "skipped %d files under %s that are not images by their suffix, e.g. %s",
+                "skipped %d entries under %s (files that are not images by their suffix, "
+                "hidden or linked folders), e.g. %s",
                 len(skipped), split_dir, skipped[0],
             )  # fmt: skip
         return files

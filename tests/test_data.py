@@ -114,6 +114,8 @@ def test_cache_is_rebuilt_when_the_source_changes(tiny_data_dir: Path, tmp_path:
     another_folder = ready(
         make_image_folder(tmp_path / "b", {"train": 3, "test": 1}), first.cache_dir
     )
+    waiting = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache")
+    waiting.prepare_data()  # set up after the data changes
     make_image_folder(tmp_path / "other", {"test": 4}, seed=1)
     replacement = tmp_path / "other" / "test" / "bird" / "0001.jpg"
     replacement.replace(tiny_data_dir / "test" / "bird" / "0001.jpg")
@@ -121,6 +123,16 @@ def test_cache_is_rebuilt_when_the_source_changes(tiny_data_dir: Path, tmp_path:
     assert second.cache_path != first.cache_path
     assert not first.cache_path.exists()  # outdated: removed
     assert another_folder.cache_path.is_file()  # another folder's: kept
+    waiting.setup()  # a run that chose its cache before the data changed reads the new one
+    assert torch.equal(waiting.data_test.images, second.data_test.images)
+    assert waiting.cache_path == second.cache_path and second.cache_path.is_file()
+    first_format = first.cache_dir / "cifar10-0123456789abcdef.pt"  # named by content alone
+    first_format.write_bytes(b"")
+    ready(tiny_data_dir.parent / "b", first.cache_dir)  # its cache exists: nothing is written
+    assert first_format.exists()  # only a cache written now removes outdated ones
+    (tiny_data_dir / "test" / "bird" / "0002.jpg").unlink()
+    ready(tiny_data_dir, first.cache_dir)
+    assert not first_format.exists()
     changed = 1 * 10 + 2  # each class's second image (0001.jpg) follows the ten first ones
     assert not torch.equal(second.data_test.images[changed], first.data_test.images[changed])
     assert torch.equal(second.data_test.images[changed + 1], first.data_test.images[changed + 1])
@@ -186,7 +198,7 @@ def test_files_that_are_not_images_are_skipped_with_a_count(
     datamodule = ready(tiny_data_dir, tmp_path / "cache")
     assert len(datamodule.data_train) + len(datamodule.data_val) == 100
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "skipped 2 files" in warnings[0]
+    assert len(warnings) == 1 and "skipped 2 entries" in warnings[0]
 
 
 def test_images_in_subfolders_of_a_class_folder_count_as_that_class(
@@ -199,6 +211,19 @@ def test_images_in_subfolders_of_a_class_folder_count_as_that_class(
     horses = datamodule.data_test.images[datamodule.data_test.labels == CLASSES.index("horse")]
     assert len(horses) == 5
     assert horses[-1].flatten(1).tolist() == [[9] * 1024, [8] * 1024, [7] * 1024]
+
+
+def test_hidden_and_linked_subfolders_of_a_class_folder_are_skipped(
+    tiny_data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cat = tiny_data_dir / "train" / "cat"
+    (cat / "up").symlink_to("..")  # a loop out of the class: every class's images again
+    (cat / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (64, 64)).save(cat / ".ipynb_checkpoints" / "big.png")
+    datamodule = ready(tiny_data_dir, tmp_path / "cache")
+    assert len(datamodule.data_train) + len(datamodule.data_val) == 100
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("skipped 2 entries under")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
