@@ -17,6 +17,9 @@ from cifar_cnn.errors import UserError
 
 ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
 
+# What a training run reports (metrics.json), and so what sweepers can optimise.
+RUN_FIGURES = ("val/acc_best", "test/acc", "test/loss")
+
 # key: (test of the value, what is allowed). Keys a config lacks are not checked.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.optimizer.lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -41,6 +44,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.scheduler.end_factor": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
+    "optimized_metric": (lambda v: v in RUN_FIGURES, f"one of {', '.join(RUN_FIGURES)}"),
 }
 
 

@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_cnn.callbacks import StoppedBySignal
 from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
-from cifar_cnn.config import validate
+from cifar_cnn.config import RUN_FIGURES, validate
 from cifar_cnn.errors import UserError
 from cifar_cnn.files import read_record
 from cifar_cnn.memory import keep_freed_memory
@@ -84,9 +84,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # epoch's last batch (GracefulStop saved those before it let such an epoch end) ends
         # without a validation (Lightning counts that epoch as done).
         # None (JSON null, not -Infinity) when no validation ran (limit_val_batches=0, say).
-        val_acc_best = (
-            float(model.val_acc_best.compute()) if model.val_acc_best.update_count else None
-        )
+        # The state, not update_count: a resumed run restores the one, not the other.
+        best_so_far = float(model.val_acc_best.max_value)
+        val_acc_best = best_so_far if math.isfinite(best_so_far) else None
         # The best checkpoint when there is one; fast_dev_run saves none: test the last weights.
         [test_metrics] = trainer.test(
             model, datamodule, ckpt_path="best" if best else None, weights_only=True
@@ -148,7 +148,7 @@ def train_in_sweep(cfg: DictConfig) -> float:
 
 def _figure(metrics: dict[str, Any], name: str) -> float:
     """A run's figure for a sweeper; NaN when the run has none (no validation ran, say)."""
-    value = metrics.get(name)
+    value = metrics[name]  # one of RUN_FIGURES: validate() checked optimized_metric
     return float("nan") if value is None else value
 
 
@@ -198,9 +198,10 @@ def _hyperparameters(cfg: DictConfig) -> dict[str, Any]:
 
 def _hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Final figures under `hp/` names: one point each, apart from the training curves."""
-    names = ("val/acc_best", "test/acc", "test/loss")
     return {
-        "hp/" + name.replace("/", "_"): metrics[name] for name in names if metrics[name] is not None
+        "hp/" + name.replace("/", "_"): metrics[name]
+        for name in RUN_FIGURES
+        if metrics[name] is not None
     }
 
 

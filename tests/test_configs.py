@@ -138,6 +138,7 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
         ("experiment=fast model.scheduler.peak_fraction=2", "model.scheduler.peak_fraction=2 is"),
         ("experiment=fast model.scheduler.start_factor=-1", "model.scheduler.start_factor=-1 is"),
         ("data.shuffle_seed=-1", "data.shuffle_seed=-1 is not allowed"),
+        ("optimized_metric=val/acc_bst", "optimized_metric='val/acc_bst' is not allowed: it must"),
         ("debug=fast_dev_run ckpt_path=outputs/runs/x", "does not go with ckpt_path"),
         pytest.param(
             "trainer=gpu",

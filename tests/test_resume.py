@@ -218,6 +218,19 @@ def test_the_best_epoch_is_tested_and_stays_the_best_across_a_resume(
         assert resumed[figure] == first[figure]
 
 
+def test_a_resumed_run_without_validation_keeps_its_best(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    run = [*SIGNALLED, f"data.data_dir={tiny_data_dir}", "trainer.max_epochs=1"]
+    cfg = compose_config(*run)
+    first = train(cfg)
+    folder = Path(cfg.paths.output_dir)
+    on = [*run, "trainer.max_epochs=2", "+trainer.check_val_every_n_epoch=5", f"ckpt_path={folder}"]
+    resumed = train(compose_in("train", on, folder, cache_dir))
+    assert resumed["epochs"] == 2 and first["val/acc_best"] is not None
+    assert resumed["val/acc_best"] == first["val/acc_best"]
+
+
 def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_resumes_exactly(
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
 ) -> None:
