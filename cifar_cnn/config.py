@@ -3,7 +3,7 @@
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,9 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is not allowed: it must be {description}")
     _check_clipping(cfg)
     _check_gpu_present(cfg)
-    _check_lr_takes_effect(cfg)
+    if HydraConfig.initialized():
+        overrides = HydraConfig.get().overrides.task
+        check_lr_takes_effect(cfg, {o.lstrip("+~").partition("=")[0] for o in overrides})
     if OmegaConf.select(cfg, "trainer.fast_dev_run") and OmegaConf.select(cfg, "ckpt_path"):
         raise UserError(
             "trainer.fast_dev_run (debug=fast_dev_run) runs one batch of a new run: it does not "
@@ -87,31 +89,28 @@ def _check_clipping(cfg: DictConfig) -> None:
         )
 
 
-# Schedulers that set the learning rate themselves, from their own arguments.
-RATE_SETTING_SCHEDULERS = (
-    "torch.optim.lr_scheduler.OneCycleLR",
-    "torch.optim.lr_scheduler.CyclicLR",
-)
+# Schedulers that set the learning rate themselves, and the arguments they set it from.
+RATE_SETTING_SCHEDULERS = {
+    "torch.optim.lr_scheduler.OneCycleLR": ("max_lr",),
+    "torch.optim.lr_scheduler.CyclicLR": ("base_lr", "max_lr"),
+}
 
 
-def _check_lr_takes_effect(cfg: DictConfig) -> None:
-    """A `model.optimizer.lr` given on the command line (or by a sweep) under OneCycleLR would
-    change nothing: say so rather than run (or sweep) it."""
+def check_lr_takes_effect(cfg: DictConfig, set_keys: Collection[str]) -> None:
+    """Refuses `model.optimizer.lr` among `set_keys` (the keys set on the command line, or by
+    a search) where the scheduler sets the rate from its own arguments: it would change
+    nothing. Unless those arguments interpolate it (`max_lr: ${model.optimizer.lr}`)."""
     scheduler = OmegaConf.select(cfg, "model.scheduler._target_")
-    if scheduler not in RATE_SETTING_SCHEDULERS or not HydraConfig.initialized():
+    rate_keys = RATE_SETTING_SCHEDULERS.get(scheduler, ())
+    if "model.optimizer.lr" not in set_keys or not rate_keys:
         return
-    given = [
-        o
-        for o in HydraConfig.get().overrides.task
-        if o.lstrip("+").startswith("model.optimizer.lr=")
-    ]
-    if given:
-        name = scheduler.rpartition(".")[2]
-        raise UserError(
-            f"{given[0]} has no effect: {name} sets the learning rate itself "
-            f"(model.scheduler.max_lr, {OmegaConf.select(cfg, 'model.scheduler.max_lr')} here); "
-            "set or sweep that instead"
-        )
+    if any(OmegaConf.is_interpolation(cfg.model.scheduler, key) for key in rate_keys):
+        return
+    rates = ", ".join(f"model.scheduler.{key}={cfg.model.scheduler[key]}" for key in rate_keys)
+    raise UserError(
+        f"model.optimizer.lr has no effect: {scheduler.rpartition('.')[2]} sets the learning "
+        f"rate itself ({rates}); set or sweep that instead"
+    )
 
 
 def _check_gpu_present(cfg: DictConfig) -> None:

@@ -129,8 +129,8 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
         ("experiment=seed_augmented model.scheduler.max_lr=0", "model.scheduler.max_lr=0 is not"),
         (
             "experiment=seed_augmented model.optimizer.lr=0.01",
-            "model.optimizer.lr=0.01 has no effect: OneCycleLR sets the learning rate itself "
-            "(model.scheduler.max_lr, 0.003 here)",
+            "model.optimizer.lr has no effect: OneCycleLR sets the learning rate itself "
+            "(model.scheduler.max_lr=0.003)",
         ),
         ("experiment=fast model.label_smoothing=1.0", "model.label_smoothing=1.0 is not"),
         ("experiment=fast model.optimizer.momentum=1.2", "model.optimizer.momentum=1.2 is not"),
@@ -161,6 +161,17 @@ def test_bad_values_stop_before_any_data_is_loaded(
     with pytest.raises(UserError) as error:
         train(cfg)
     assert message in str(error.value)
+
+
+def test_an_lr_that_a_schedule_interpolates_takes_effect(
+    compose_config: Callable[..., DictConfig],
+) -> None:
+    cfg = compose_config(
+        "experiment=seed_augmented", "model.scheduler.max_lr=${model.optimizer.lr}",
+        "model.optimizer.lr=0.01",
+    )  # fmt: skip
+    validate(cfg)  # not refused: the lr is the schedule's peak
+    assert cfg.model.scheduler.max_lr == 0.01
 
 
 def test_the_shipped_configs_pass_validation(compose_config: Callable[..., DictConfig]) -> None:

@@ -159,6 +159,18 @@ def test_a_rerun_with_another_search_space_is_refused(
     assert len(trials(tmp_path)) == 1
 
 
+def test_a_search_of_an_lr_that_its_schedule_overrides_is_refused_before_any_trial(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    command = search_command(tiny_data_dir, 2, "experiment=seed_augmented")
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output
+    assert "model.optimizer.lr has no effect: OneCycleLR sets the learning rate itself" in output
+    assert not (tmp_path / SEARCH).exists()  # refused before the study or any job
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL server of its own on 127.0.0.1 (Debian's package), stopped at the end."""

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 
+from cifar_cnn.config import check_lr_takes_effect
 from cifar_cnn.errors import UserError, exit_on_user_error
 from cifar_cnn.sweep import write_summary
 
@@ -63,6 +64,9 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         distributions = (self.search_space_distributions or {}) | distributions
         for name in fixed:
             distributions.pop(name, None)
+        check_lr_takes_effect(
+            self.config, distributions.keys() | fixed.keys()
+        )  # else every trial fails
 
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)  # SQLite's file lives there
         study = optuna.create_study(
