@@ -40,10 +40,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"checkpoint {path} does not exist")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     record = read_record(path / "metrics.json") or {}
-    name = Path(record.get("best_checkpoint") or "-").name
+    name = Path(record.get("best_checkpoint") or "").name
     # A finished run names its best checkpoint: looked up by name in the run folder, which
     # may have moved, and where Lightning's own checkpoint callback saves (run without ours).
-    for best in (folder / name, *sorted(path.rglob(glob.escape(name)))):
+    for best in (folder / name, *sorted(path.rglob(glob.escape(name)))) if name else ():
         if best.is_file():
             return best
     candidates = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
@@ -92,6 +92,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class LoadedCheckpoint(NamedTuple):
+    """What eval.py takes from a checkpoint."""
+
     model: ImageClassifier  # on the CPU, in eval mode
     data_settings: dict[str, Any]  # the data module's arguments in the run
     precision: str  # the run's, as Lightning names it: "32-true", "bf16-mixed", ...

@@ -166,13 +166,15 @@ def plot_errors(images: Tensor, labels: Tensor, logits: Tensor, count: int) -> F
 
 def _in_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
     """`model` on `device`, computing in `precision` (Lightning's names) through Fabric's
-    wrapper: under bf16-mixed, say, evaluation autocasts as the run's own test did."""
+    wrapper: under bf16-mixed, say, evaluation autocasts as the run's own test did. As in
+    training, a precision the device lacks becomes the one Lightning takes instead (16-mixed
+    on a CPU: bf16-mixed, with Lightning's warning)."""
     devices = [device.index or 0] if device.type == "cuda" else 1
     try:
         fabric = Fabric(accelerator=device.type, devices=devices, precision=precision)
     except ValueError as error:
         raise UserError(f"precision={precision} is not allowed: {error}") from error
-    log.info("Evaluating in precision %s", precision)
+    log.info("Evaluating in precision %s", fabric.strategy.precision.precision)
     return fabric.setup_module(model)
 
 

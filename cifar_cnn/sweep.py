@@ -196,7 +196,7 @@ def _cell(column: str, value: Any, sweep_dir: Path) -> str:
         return str(Path(value).relative_to(sweep_dir))
     if isinstance(value, float):
         return f"{value:.{_decimals(column)}f}"
-    return str(value)
+    return "" if value is None else str(value)  # None: a run without validation, say
 
 
 if __name__ == "__main__":

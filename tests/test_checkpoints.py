@@ -26,10 +26,24 @@ def checkpoint(tmp_path: Path) -> Path:
 
 
 def test_load_checkpoint_gives_the_saved_model(checkpoint: Path) -> None:
-    model = load_checkpoint(checkpoint).model
-    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
-    assert not model.training
-    assert all(torch.equal(model.state_dict()[key], value) for key, value in saved.items())
+    loaded = load_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert not loaded.model.training
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(loaded.model.state_dict()[key], value)
+    assert loaded.precision == saved["precision"] == "32-true"  # the trainer's
+
+
+def test_the_precision_of_checkpoints_from_before_its_record_is_32_true(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    for recorded in ("bf16-mixed", None):
+        content = torch.load(checkpoint, weights_only=True)
+        content.pop("precision")
+        if recorded:
+            content["precision"] = recorded
+        torch.save(content, tmp_path / "edited.ckpt")
+        assert load_checkpoint(tmp_path / "edited.ckpt").precision == (recorded or "32-true")
 
 
 def test_run_folder_resolves_to_its_best_checkpoint(tmp_path: Path, checkpoint: Path) -> None:
