@@ -12,11 +12,14 @@ NET = {"_target_": "cifar_cnn.nets.SeedCNN", "hidden_units": 32}
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-4}
 
 
-def fit_briefly(model: ImageClassifier, data_dir: Path, tmp_path: Path, **limits: int) -> L.Trainer:
-    """Fits on the tiny data (80 training images, batches of 16) for `limits` steps or epochs."""
+def fit_briefly(
+    model: ImageClassifier, data_dir: Path, tmp_path: Path, **settings: Any
+) -> L.Trainer:
+    """Fits on the tiny data (80 training images, batches of 16) with the trainer `settings`
+    (its steps or epochs, say)."""
     trainer = L.Trainer(
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **limits,
+        enable_model_summary=False, default_root_dir=tmp_path, **settings,
     )  # fmt: skip
     trainer.fit(model, CIFAR10DataModule(data_dir, tmp_path / "cache", batch_size=16))
     return trainer
@@ -121,12 +124,9 @@ def test_epoch_figures_are_the_mean_batch_loss_and_the_share_of_correct_images(
 
     model = ImageClassifier(net={**NET, "dropout": 0.0}, optimizer=ADAM)
     batches = Batches()
-    trainer = L.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, max_epochs=2,
-        limit_val_batches=0, callbacks=[batches],
-    )  # fmt: skip
-    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16))
+    trainer = fit_briefly(
+        model, tiny_data_dir, tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[batches]
+    )
 
     second = [(correct, images, loss) for epoch, correct, images, loss in batches.seen if epoch]
     assert len(batches.seen) == 10 and len(second) == 5
@@ -144,11 +144,6 @@ def test_the_sanity_check_before_training_is_no_result(tiny_data_dir: Path, tmp_
             self.updates = pl_module.val_acc_best.update_count
 
     best_so_far = BestSoFar()
-    trainer = L.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, max_steps=1,
-        num_sanity_val_steps=2, callbacks=[best_so_far],
-    )  # fmt: skip
-    datamodule = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16)
-    trainer.fit(ImageClassifier(net=NET, optimizer=ADAM), datamodule)
-    assert best_so_far.updates == 0
+    model = ImageClassifier(net=NET, optimizer=ADAM)
+    fit_briefly(model, tiny_data_dir, tmp_path, max_steps=1, callbacks=[best_so_far])
+    assert best_so_far.updates == 0  # Lightning's two batches of sanity check ran before
