@@ -64,9 +64,8 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         distributions = (self.search_space_distributions or {}) | distributions
         for name in fixed:
             distributions.pop(name, None)
-        check_lr_takes_effect(
-            self.config, distributions.keys() | fixed.keys()
-        )  # else every trial fails
+        # Refused here, not in each trial: every one of them would fail.
+        check_lr_takes_effect(self.config, distributions.keys() | fixed.keys())
 
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)  # SQLite's file lives there
         study = optuna.create_study(
