@@ -263,7 +263,8 @@ class CIFAR10DataModule(L.LightningDataModule):
     def _load_cache(self) -> dict[str, Tensor]:
         """The cache's tensors; an unreadable cache (a truncated file, say) is rebuilt."""
         if not self.cache_path.exists():  # removed as outdated by a run that saw new data
-            del self.cache_path  # computed again, from the data folder as it is now
+            del self.cache_path  # computed again, from the folder as it is now:
+            vars(self).pop("_folder_listing", None)  # listed again (image folders)
             self.prepare_data()
         try:
             cache = torch.load(self.cache_path, weights_only=True)
@@ -434,7 +435,8 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def _folder_files(self, split: str) -> list[tuple[str, int]]:
         split_dir = self.data_dir / split
-        unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(CLASSES))
+        folders = {e.name for e in os.scandir(split_dir) if e.is_dir() and e.name[0] != "."}
+        unknown = sorted(folders - set(CLASSES))
         if unknown:
             raise UserError(
                 f"{split_dir} holds folders that are not CIFAR-10 classes: {', '.join(unknown)} "

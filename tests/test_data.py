@@ -116,15 +116,20 @@ def test_cache_is_rebuilt_when_the_source_changes(tiny_data_dir: Path, tmp_path:
     )
     waiting = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache")
     waiting.prepare_data()  # set up after the data changes
-    make_image_folder(tmp_path / "other", {"test": 4}, seed=1)
+    make_image_folder(tmp_path / "other", {"test": 5}, seed=1)
     replacement = tmp_path / "other" / "test" / "bird" / "0001.jpg"
     replacement.replace(tiny_data_dir / "test" / "bird" / "0001.jpg")
+    (tmp_path / "other" / "test" / "cat" / "0004.jpg").replace(
+        tiny_data_dir / "test" / "cat" / "0004.jpg"
+    )
     second = ready(tiny_data_dir, tmp_path / "cache")
     assert second.cache_path != first.cache_path
     assert not first.cache_path.exists()  # outdated: removed
     assert another_folder.cache_path.is_file()  # another folder's: kept
     waiting.setup()  # a run that chose its cache before the data changed reads the new one
-    assert torch.equal(waiting.data_test.images, second.data_test.images)
+    assert len(waiting.data_test) == 41 and torch.equal(
+        waiting.data_test.images, second.data_test.images
+    )
     assert waiting.cache_path == second.cache_path and second.cache_path.is_file()
     first_format = first.cache_dir / "cifar10-0123456789abcdef.pt"  # named by content alone
     first_format.write_bytes(b"")
