@@ -44,7 +44,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.scheduler.end_factor": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
-    "optimized_metric": (lambda v: v in RUN_FIGURES, f"one of {', '.join(RUN_FIGURES)}"),
 }
 
 
@@ -60,11 +59,16 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise UserError(f"{key}={value!r} is not allowed: it must be {description}")
+    if "optimized_metric" in cfg and cfg.optimized_metric not in RUN_FIGURES:  # null too
+        raise UserError(
+            f"optimized_metric={cfg.optimized_metric} is not allowed: it must be one of "
+            + ", ".join(RUN_FIGURES)
+        )
     _check_clipping(cfg)
     _check_gpu_present(cfg)
     if HydraConfig.initialized():
         overrides = HydraConfig.get().overrides.task
-        check_lr_takes_effect(cfg, {o.lstrip("+~").partition("=")[0] for o in overrides})
+        check_lr_takes_effect(cfg, [o.partition("=")[0] for o in overrides])
     if OmegaConf.select(cfg, "trainer.fast_dev_run") and OmegaConf.select(cfg, "ckpt_path"):
         raise UserError(
             "trainer.fast_dev_run (debug=fast_dev_run) runs one batch of a new run: it does not "
@@ -97,13 +101,13 @@ RATE_SETTING_SCHEDULERS = {
 
 
 def check_lr_takes_effect(cfg: DictConfig, set_keys: Collection[str]) -> None:
-    """Refuses `model.optimizer.lr` among `set_keys` (the keys set on the command line, or by
-    a search) where the scheduler sets the rate from its own arguments: it would change
-    nothing. Unless those arguments interpolate it (`max_lr: ${model.optimizer.lr}`)."""
+    """Refuses `model.optimizer.lr` among `set_keys` (the keys set on the command line or by
+    a search, `+`/`++` prefixes and all) where the scheduler sets the rate from its own
+    arguments: it would change nothing. Unless they interpolate it (`max_lr: ${...lr}`)."""
     scheduler = OmegaConf.select(cfg, "model.scheduler._target_")
-    rate_keys = RATE_SETTING_SCHEDULERS.get(scheduler, ())
-    if "model.optimizer.lr" not in set_keys or not rate_keys:
-        return
+    rate_keys = [k for k in RATE_SETTING_SCHEDULERS.get(scheduler, ()) if k in cfg.model.scheduler]
+    if "model.optimizer.lr" not in {key.lstrip("+") for key in set_keys} or not rate_keys:
+        return  # ("~model.optimizer.lr" removes it: nothing is set)
     if any(OmegaConf.is_interpolation(cfg.model.scheduler, key) for key in rate_keys):
         return
     rates = ", ".join(f"model.scheduler.{key}={cfg.model.scheduler[key]}" for key in rate_keys)

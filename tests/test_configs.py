@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cifar_cnn.config import validate
+from cifar_cnn.config import check_lr_takes_effect, validate
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
@@ -138,7 +138,14 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
         ("experiment=fast model.scheduler.peak_fraction=2", "model.scheduler.peak_fraction=2 is"),
         ("experiment=fast model.scheduler.start_factor=-1", "model.scheduler.start_factor=-1 is"),
         ("data.shuffle_seed=-1", "data.shuffle_seed=-1 is not allowed"),
-        ("optimized_metric=val/acc_bst", "optimized_metric='val/acc_bst' is not allowed: it must"),
+        ("optimized_metric=val/acc_bst", "optimized_metric=val/acc_bst is not allowed: it must"),
+        ("optimized_metric=null", "optimized_metric=None is not allowed: it must be one of"),
+        (
+            "experiment=seed_augmented model.scheduler._target_=torch.optim.lr_scheduler.CyclicLR"
+            " ++model.optimizer.lr=0.01",
+            "model.optimizer.lr has no effect: CyclicLR sets the learning rate itself "
+            "(model.scheduler.max_lr=0.003)",
+        ),
         ("debug=fast_dev_run ckpt_path=outputs/runs/x", "does not go with ckpt_path"),
         pytest.param(
             "trainer=gpu",
@@ -172,6 +179,16 @@ def test_an_lr_that_a_schedule_interpolates_takes_effect(
     )  # fmt: skip
     validate(cfg)  # not refused: the lr is the schedule's peak
     assert cfg.model.scheduler.max_lr == 0.01
+
+
+def test_the_lr_check_reads_override_keys_with_their_prefixes(
+    compose_config: Callable[..., DictConfig],
+) -> None:
+    cfg = compose_config("experiment=seed_augmented")
+    for key in ("model.optimizer.lr", "+model.optimizer.lr", "++model.optimizer.lr"):
+        with pytest.raises(UserError, match="model.optimizer.lr has no effect"):
+            check_lr_takes_effect(cfg, {key})  # as Optuna's sweeper gives its parameters
+    check_lr_takes_effect(cfg, {"~model.optimizer.lr", "model.scheduler.max_lr"})
 
 
 def test_the_shipped_configs_pass_validation(compose_config: Callable[..., DictConfig]) -> None:
