@@ -435,7 +435,9 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def _folder_files(self, split: str) -> list[tuple[str, int]]:
         split_dir = self.data_dir / split
-        folders = {e.name for e in os.scandir(split_dir) if e.is_dir() and e.name[0] != "."}
+        folders = {
+            e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+        }
         unknown = sorted(folders - set(CLASSES))
         if unknown:
             raise UserError(
@@ -455,10 +457,12 @@ class CIFAR10DataModule(L.LightningDataModule):
             # then each subfolder's, all by name. Not hidden ones (.ipynb_checkpoints, say),
             # nor linked ones, which may lead out of the class (a link to "..").
             for folder, subfolders, names in os.walk(class_dir):
-                others += [os.path.join(folder, d) for d in subfolders if d.startswith(".")]
-                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-                others += [os.path.join(folder, d) for d in subfolders
-                           if os.path.islink(os.path.join(folder, d))]  # fmt: skip
+                paths = {d: os.path.join(folder, d) for d in subfolders}
+                left_out = {
+                    d for d, path in paths.items() if d.startswith(".") or os.path.islink(path)
+                }
+                others += [paths[d] for d in sorted(left_out)]
+                subfolders[:] = sorted(set(subfolders) - left_out)
                 for name in sorted(names):
                     is_image = _suffix(name).lower() in IMAGE_SUFFIXES
                     (images if is_image else others).append(os.path.join(folder, name))
