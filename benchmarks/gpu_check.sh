@@ -45,6 +45,8 @@ fast_seeds() {  # a name, then overrides: three seeds in one process (one start-
 # In order of what matters most, so that a run cut short by its time limit still brings the
 # first figures back (the log is copied as it is written).
 fast_seeds fast
+# eval.py on the GPU in the precision the run trained in (bf16-mixed): seed 0's figures above.
+python3 eval.py ckpt_path=/tmp/sweeps/fast/0 2>&1 | grep -E "precision|accuracy" || true
 # airbench's own code on the same data, three seeds: the yardstick for the line above.
 # (A payload prepared before it was added lacks its wheel: --prepare again.)
 python3 benchmarks/airbench_reference.py --runs 3 --output "$OUT/airbench.json" 2>&1 | tail -5 ||
