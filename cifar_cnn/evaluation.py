@@ -5,10 +5,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.fabric import Fabric
+from lightning.pytorch.plugins.precision import Precision
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -165,17 +166,37 @@ def plot_errors(images: Tensor, labels: Tensor, logits: Tensor, count: int) -> F
 
 
 def _in_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """`model` on `device`, computing in `precision` (Lightning's names) through Fabric's
-    wrapper: under bf16-mixed, say, evaluation autocasts as the run's own test did. As in
-    training, a precision the device lacks becomes the one Lightning takes instead (16-mixed
-    on a CPU: bf16-mixed, with Lightning's warning)."""
+    """`model` on `device`, computing in `precision` (Lightning's names) as a Trainer does:
+    its precision plugin converts the net and the inputs and wraps each forward pass (under
+    bf16-mixed, autocast around float32 inputs, as in the run's own test). Not Fabric's
+    wrapper: its bf16-mixed also rounds the inputs to bf16, which changes the figures of a
+    net that normalises its inputs first (FastCNN). As in training, a precision the device
+    lacks becomes the one Lightning takes instead (16-mixed on a CPU: bf16-mixed, with
+    Lightning's warning)."""
     devices = [device.index or 0] if device.type == "cuda" else 1
     try:
-        fabric = Fabric(accelerator=device.type, devices=devices, precision=precision)
+        trainer = L.Trainer(
+            accelerator=device.type, devices=devices, precision=precision, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
     except ValueError as error:
         raise UserError(f"precision={precision} is not allowed: {error}") from error
-    log.info("Evaluating in precision %s", fabric.strategy.precision.precision)
-    return fabric.setup_module(model)
+    plugin = trainer.precision_plugin
+    log.info("Evaluating in precision %s", plugin.precision)
+    return _InPrecision(plugin.convert_module(model.to(device)), plugin)
+
+
+class _InPrecision(nn.Module):
+    """A net whose forward passes go through a Trainer's precision plugin, as in its test."""
+
+    def __init__(self, model: nn.Module, plugin: Precision) -> None:
+        super().__init__()
+        self.model = model
+        self.plugin = plugin
+
+    def forward(self, images: Tensor) -> Tensor:
+        with self.plugin.forward_context():
+            return self.model(self.plugin.convert_input(images))
 
 
 def _device(name: str) -> torch.device:
