@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/README.md in one run on a lent H100/H200 (the `device` tool's
-# `run`, carry: ["gpu_payload"]); 410 s on an H100 before step_overhead.py replaced two seed
-# runs (about 40 s more since, untimed: give it the 600 s limit). At most 8 files come back
+# `run`, carry: ["gpu_payload"]); 510 s on an H100 (run 5 of benchmarks/README.md): give it
+# a limit of about 580 s. At most 8 files come back
 # from $OUT: the rest stays in /tmp, and the log has it. Prepare the payload here first:
 #   bash benchmarks/gpu_check.sh --prepare
-# Its image holds torch, Lightning, torchmetrics and TensorBoard but no Hydra: the wheels
+# Its image holds torch, Lightning, torchmetrics and TensorBoard but no Hydra nor Optuna (Hydra
+# then prints that our search plugin could not be imported, and goes on): the Hydra wheels
 # travel in gpu_payload/, with the JPEG data set as one gzipped tar (../shared does not travel;
 # gzip takes the 89 MB tar of 60,000 small files to 20 MB).
 set -euo pipefail
