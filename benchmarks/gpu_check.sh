@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/README.md in one run on a lent H100/H200 (the `device` tool's
-# `run`, carry: ["gpu_payload"]); 510 s on an H100 (run 5 of benchmarks/README.md): give it
-# a limit of about 580 s. At most 8 files come back
+# `run`, carry: ["gpu_payload"]); 510 s on an H100 (run 5 of benchmarks/README.md), run
+# with timeout_s 580. At most 8 files come back
 # from $OUT: the rest stays in /tmp, and the log has it. Prepare the payload here first:
 #   bash benchmarks/gpu_check.sh --prepare
 # Its image holds torch, Lightning, torchmetrics and TensorBoard but no Hydra nor Optuna (Hydra
@@ -43,11 +43,21 @@ fast_seeds() {  # a name, then overrides: three seeds in one process (one start-
     cat "/tmp/sweeps/$name/summary.md" && cp "/tmp/sweeps/$name/summary.csv" "$OUT/$name.csv" || true
 }
 
+run_and_eval_figures() {  # a run folder, then eval.py's: both test figures, all digits
+    python3 - "$1/metrics.json" "$2/metrics.json" <<'PY'
+import json, sys
+run, evaluation = (json.load(open(path)) for path in sys.argv[1:])
+print("test acc, loss: the run's", run["test/acc"], run["test/loss"],
+      "/ eval.py's", evaluation["accuracy"], evaluation["loss"])
+PY
+}
+
 # In order of what matters most, so that a run cut short by its time limit still brings the
 # first figures back (the log is copied as it is written).
 fast_seeds fast
-# eval.py on the GPU in the precision the run trained in (bf16-mixed): seed 0's figures above.
-python3 eval.py ckpt_path=/tmp/sweeps/fast/0 2>&1 | grep -E "precision|accuracy" || true
+# eval.py on the GPU in the precision the run trained in (bf16-mixed): seed 0's own figures.
+python3 eval.py ckpt_path=/tmp/sweeps/fast/0 hydra.run.dir=/tmp/eval0 > /tmp/eval0.log 2>&1 &&
+    run_and_eval_figures /tmp/sweeps/fast/0 /tmp/eval0 || tail -20 /tmp/eval0.log
 # airbench's own code on the same data, three seeds: the yardstick for the line above.
 # (A payload prepared before it was added lacks its wheel: --prepare again.)
 python3 benchmarks/airbench_reference.py --runs 3 --output "$OUT/airbench.json" 2>&1 | tail -5 ||
