@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -173,17 +174,31 @@ def _in_precision(model: nn.Module, precision: str, device: torch.device) -> nn.
     net that normalises its inputs first (FastCNN). As in training, a precision the device
     lacks becomes the one Lightning takes instead (16-mixed on a CPU: bf16-mixed, with
     Lightning's warning)."""
-    devices = [device.index or 0] if device.type == "cuda" else 1
-    try:
-        trainer = L.Trainer(
-            accelerator=device.type, devices=devices, precision=precision, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-    except ValueError as error:
-        raise UserError(f"precision={precision} is not allowed: {error}") from error
-    plugin = trainer.precision_plugin
+    plugin = _precision_plugin(precision, device)
     log.info("Evaluating in precision %s", plugin.precision)
     return _InPrecision(plugin.convert_module(model.to(device)), plugin)
+
+
+def _precision_plugin(precision: str, device: torch.device) -> Precision:
+    """The precision plugin that a Trainer on `device` chooses for `precision`. The Trainer's
+    report of the machine's devices is left out: it is about a Trainer's arguments ("GPU
+    available but not used"), which eval.py does not take."""
+    devices = [device.index or 0] if device.type == "cuda" else 1
+    device_report = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = device_report.level
+    device_report.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*GPU available but not used")
+            trainer = L.Trainer(
+                accelerator=device.type, devices=devices, precision=precision, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            )  # fmt: skip
+    except ValueError as error:
+        raise UserError(f"precision={precision} is not allowed: {error}") from error
+    finally:
+        device_report.setLevel(level)
+    return trainer.precision_plugin
 
 
 class _InPrecision(nn.Module):

@@ -1,12 +1,15 @@
 """eval.py's code path on a really trained (briefly) run, with the real test set."""
 
 import json
+import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -128,6 +131,30 @@ def test_runs_train_and_evaluate_in_their_precision(
     if precision.startswith("bf16"):
         in_float32 = run_eval(run_dir, data_dir, cache_dir, tmp_path / "fp32", "precision=32-true")
         assert abs(in_float32["loss"] - trained["test/loss"]) > 1e-5  # bf16's rounding shows
+
+
+def test_eval_leaves_out_the_trainer_device_report(
+    trained_run: tuple[Path, dict],
+    data_dir: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """eval.py builds a Trainer for its precision plugin; the Trainer's lines about GPUs (and
+    its advice to set Trainer(accelerator='gpu')) are not eval.py's to print."""
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_eval(run_dir=trained_run[0], data_dir=data_dir, cache_dir=cache_dir, out=tmp_path)
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    messages = [record.getMessage() for record in records] + [str(w.message) for w in caught]
+    assert not [message for message in messages if "GPU available" in message], messages
 
 
 def test_an_unknown_eval_precision_is_named(
