@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -67,6 +67,10 @@ class ImageClassifier(L.LightningModule):
         # for its queue to drain at every batch. The data module's labels are class indices.
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # The evaluation losses, image by image. nan_strategy="disable": its check would make a
+        # GPU wait at every batch; a NaN loss shows as a NaN figure.
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best
 
@@ -197,12 +201,16 @@ class ImageClassifier(L.LightningModule):
         logits = self(images)  # with test-time augmentation when it is on
         # In float32 whatever the precision (autocast does so too): under bf16-true the
         # figure would otherwise carry bf16's rounding, which eval.py's does not.
-        loss = F.cross_entropy(logits.float(), labels)
+        mean_loss = getattr(self, f"{split}_loss")
+        # Each image's loss, not the batch's mean with weight=len(labels): under
+        # nan_strategy="disable" torchmetrics 1.9's MeanMetric replaces weights by ones.
+        mean_loss.update(F.cross_entropy(logits.float(), labels, reduction="none"))
         accuracy = getattr(self, f"{split}_acc")
         accuracy.update(logits, labels)
-        # DDP: the accuracies are torchmetrics, which sum over processes themselves; the
-        # losses are averaged over processes once per epoch (sync_dist).
-        self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=split == "val", sync_dist=True)
+        # torchmetrics, which sum over DDP processes themselves. Not `self.log(loss,
+        # sync_dist=True)`: Lightning averages the processes' image counts as integers, so
+        # shards of 14, 13 and 13 images made its mean loss 40 / 39 times too large.
+        self.log(f"{split}/loss", mean_loss, on_epoch=True, prog_bar=split == "val")
         self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=split == "val")
 
     def _parameter_groups(self) -> Iterator[nn.Parameter] | list[dict[str, Any]]:

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from cifar_cnn.evaluation import evaluate
+
+from .conftest import compose_in
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,3 +86,19 @@ def test_the_fast_recipe_trains_in_two_processes_past_the_stem_bias_epochs(
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_three_processes_report_the_mean_loss_of_their_uneven_shards(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """40 test images over 3 processes (14, 13, 13): the test loss is the mean over the 40, as
+    eval.py computes it from the checkpoint. Lightning's mean of a logged loss divided by the
+    image count averaged over processes as an integer (40 / 3: 13), 2.6% too large."""
+    run_dir = tmp_path / "run"
+    run_train(run_dir, cache_dir, tiny_data_dir, "trainer=ddp_cpu", "trainer.devices=3")
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    overrides = [f"ckpt_path={run_dir}", f"data.data_dir={tiny_data_dir}"]
+    report = evaluate(compose_in("eval", overrides, tmp_path / "eval", cache_dir))
+    assert trained["test/acc"] == pytest.approx(report["accuracy"], abs=1e-6)
+    assert trained["test/loss"] == pytest.approx(report["loss"], abs=1e-6)
