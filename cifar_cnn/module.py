@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -162,17 +162,28 @@ class ImageClassifier(L.LightningModule):
             self.log_dict(figures, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
+    def on_validation_start(self) -> None:
+        _in_float32(self.val_loss, self.val_acc_best)
+
+    def on_test_start(self) -> None:
+        _in_float32(self.test_loss)
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        loss = _mean_so_far(self.val_loss)
         if self.trainer.sanity_checking:  # its few batches before training are no result
             return
+        self.log("val/loss", loss, prog_bar=True)
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", _mean_so_far(self.test_loss))
 
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:
         make_optimizer = instantiate(self.hparams.optimizer)  # a `_partial_` config
@@ -201,16 +212,13 @@ class ImageClassifier(L.LightningModule):
         logits = self(images)  # with test-time augmentation when it is on
         # In float32 whatever the precision (autocast does so too): under bf16-true the
         # figure would otherwise carry bf16's rounding, which eval.py's does not.
-        mean_loss = getattr(self, f"{split}_loss")
         # Each image's loss, not the batch's mean with weight=len(labels): under
-        # nan_strategy="disable" torchmetrics 1.9's MeanMetric replaces weights by ones.
-        mean_loss.update(F.cross_entropy(logits.float(), labels, reduction="none"))
+        # nan_strategy="disable" torchmetrics 1.9's MeanMetric replaces weights by ones. The
+        # mean is logged at the epoch's end (the hooks above).
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        getattr(self, f"{split}_loss").update(losses)
         accuracy = getattr(self, f"{split}_acc")
         accuracy.update(logits, labels)
-        # torchmetrics, which sum over DDP processes themselves. Not `self.log(loss,
-        # sync_dist=True)`: Lightning averages the processes' image counts as integers, so
-        # shards of 14, 13 and 13 images made its mean loss 40 / 39 times too large.
-        self.log(f"{split}/loss", mean_loss, on_epoch=True, prog_bar=split == "val")
         self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=split == "val")
 
     def _parameter_groups(self) -> Iterator[nn.Parameter] | list[dict[str, Any]]:
@@ -228,6 +236,26 @@ class ImageClassifier(L.LightningModule):
         chosen = {id(p) for p in norm_biases}
         others = [p for p in self.parameters() if id(p) not in chosen]
         return [{"params": others}, {"params": norm_biases}]
+
+
+def _mean_so_far(mean: MeanMetric) -> Tensor:
+    """The mean over all DDP processes' images (torchmetrics sums them), and a fresh start.
+
+    Not `self.log(loss, sync_dist=True)` at each step: Lightning averages the processes' image
+    counts as integers, so shards of 14, 13 and 13 images made the mean 40/39 too large. Nor
+    the metric itself logged: Lightning moves a logged metric during the step, where bf16-true
+    makes bf16 the default dtype, which torchmetrics then rounds each loss to."""
+    value = mean.compute()
+    mean.reset()
+    return value
+
+
+def _in_float32(*metrics: Metric) -> None:
+    """The metrics' states back in float32. bf16-true and 16-true convert the whole module with
+    `.to(dtype)`, which torchmetrics passes on to metric states (it guards `.half()`, not
+    `.to`): the loss sums then added up in bf16, and the best accuracy was rounded to bf16."""
+    for metric in metrics:
+        metric.set_dtype(torch.float32)
 
 
 def run_length_settings(trainer: L.Trainer) -> dict[str, Any]:

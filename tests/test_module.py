@@ -4,6 +4,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import HalfPrecision
 
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.module import ImageClassifier
@@ -147,3 +148,18 @@ def test_the_sanity_check_before_training_is_no_result(tiny_data_dir: Path, tmp_
     model = ImageClassifier(net=NET, optimizer=ADAM)
     fit_briefly(model, tiny_data_dir, tmp_path, max_steps=1, callbacks=[best_so_far])
     assert best_so_far.updates == 0  # Lightning's two batches of sanity check ran before
+
+
+def test_evaluation_figures_stay_in_float32_under_bf16_true() -> None:
+    """bf16-true converts the whole module, metric states too: the best accuracy would be
+    rounded to bf16 (0.6856 to 0.6875) and the loss summed in bf16."""
+    model = HalfPrecision("bf16-true").convert_module(ImageClassifier(net=NET, optimizer=ADAM))
+    model.on_validation_start()
+    model.on_test_start()
+    model.val_acc_best(torch.tensor(0.6856))
+    losses = torch.full((1000,), 2.0555)
+    model.val_loss.update(losses)
+    model.test_loss.update(losses)
+    assert model.val_acc_best.compute() == torch.tensor(0.6856)
+    assert model.val_loss.compute() == pytest.approx(2.0555, abs=1e-4)
+    assert model.test_loss.compute() == pytest.approx(2.0555, abs=1e-4)
