@@ -67,10 +67,8 @@ class ImageClassifier(L.LightningModule):
         # for its queue to drain at every batch. The data module's labels are class indices.
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        # The evaluation losses, image by image. nan_strategy="disable": its check would make a
-        # GPU wait at every batch; a NaN loss shows as a NaN figure.
-        self.val_loss = MeanMetric(nan_strategy="disable")
-        self.test_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss = MeanLoss()
+        self.test_loss = MeanLoss()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints: a resumed run keeps its best
 
@@ -126,6 +124,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_epoch_figures = checkpoint.get("epoch_figures", {})
+        # As saved: bf16-true converts the module after restoring it, and would round it.
+        self._restored_best = checkpoint["state_dict"].get("val_acc_best.max_value")
+
+    def on_fit_start(self) -> None:
+        self._best_in_float32()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """The loss of one batch. Its figures reach the loggers at the steps where Lightning
@@ -163,7 +166,8 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def on_validation_start(self) -> None:
-        _in_float32(self.val_loss, self.val_acc_best)
+        self._best_in_float32()
+        _in_float32(self.val_loss)
 
     def on_test_start(self) -> None:
         _in_float32(self.test_loss)
@@ -172,18 +176,13 @@ class ImageClassifier(L.LightningModule):
         self._evaluation_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        loss = _mean_so_far(self.val_loss)
         if self.trainer.sanity_checking:  # its few batches before training are no result
             return
-        self.log("val/loss", loss, prog_bar=True)
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluation_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self.log("test/loss", _mean_so_far(self.test_loss))
 
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:
         make_optimizer = instantiate(self.hparams.optimizer)  # a `_partial_` config
@@ -206,19 +205,28 @@ class ImageClassifier(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def _best_in_float32(self) -> None:
+        """`val_acc_best` in float32, and as saved in the checkpoint the run resumed from:
+        bf16-true converts the module after Lightning restored it (0.1 became 0.10009765625)."""
+        _in_float32(self.val_acc_best)
+        restored = vars(self).pop("_restored_best", None)
+        if restored is not None:
+            self.val_acc_best.max_value = restored.float().to(self.device)
+
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         """Loss and accuracy of one batch, logged per epoch as `<split>/loss`, `<split>/acc`."""
         images, labels = batch
         logits = self(images)  # with test-time augmentation when it is on
         # In float32 whatever the precision (autocast does so too): under bf16-true the
         # figure would otherwise carry bf16's rounding, which eval.py's does not.
-        # Each image's loss, not the batch's mean with weight=len(labels): under
-        # nan_strategy="disable" torchmetrics 1.9's MeanMetric replaces weights by ones. The
-        # mean is logged at the epoch's end (the hooks above).
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
-        getattr(self, f"{split}_loss").update(losses)
+        mean_loss = getattr(self, f"{split}_loss")
+        mean_loss.update(F.cross_entropy(logits.float(), labels, reduction="none"))
         accuracy = getattr(self, f"{split}_acc")
         accuracy.update(logits, labels)
+        # torchmetrics, which sum over DDP processes themselves. Not `self.log(loss,
+        # sync_dist=True)`: Lightning averages the processes' image counts as integers, so
+        # shards of 14, 13 and 13 images made its mean loss 40/39 too large.
+        self.log(f"{split}/loss", mean_loss, on_epoch=True, prog_bar=split == "val")
         self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=split == "val")
 
     def _parameter_groups(self) -> Iterator[nn.Parameter] | list[dict[str, Any]]:
@@ -238,16 +246,18 @@ class ImageClassifier(L.LightningModule):
         return [{"params": others}, {"params": norm_biases}]
 
 
-def _mean_so_far(mean: MeanMetric) -> Tensor:
-    """The mean over all DDP processes' images (torchmetrics sums them), and a fresh start.
+class MeanLoss(MeanMetric):
+    """The mean of the images' losses, added up in float32 as they come.
 
-    Not `self.log(loss, sync_dist=True)` at each step: Lightning averages the processes' image
-    counts as integers, so shards of 14, 13 and 13 images made the mean 40/39 too large. Nor
-    the metric itself logged: Lightning moves a logged metric during the step, where bf16-true
-    makes bf16 the default dtype, which torchmetrics then rounds each loss to."""
-    value = mean.compute()
-    mean.reset()
-    return value
+    MeanMetric's own `update` casts them to the metric's dtype, which becomes bf16 when
+    Lightning moves a logged metric inside a bf16-true step (torchmetrics takes the default
+    dtype then), and with `nan_strategy="disable"` it drops `weight=`. No NaN check either: it
+    would make a GPU wait at every batch; a NaN loss shows as a NaN figure.
+    """
+
+    def update(self, losses: Tensor) -> None:  # (N,) one loss an image
+        self.mean_value += losses.sum(dtype=torch.float32)
+        self.weight += losses.numel()
 
 
 def _in_float32(*metrics: Metric) -> None:

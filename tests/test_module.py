@@ -163,3 +163,28 @@ def test_evaluation_figures_stay_in_float32_under_bf16_true() -> None:
     assert model.val_acc_best.compute() == torch.tensor(0.6856)
     assert model.val_loss.compute() == pytest.approx(2.0555, abs=1e-4)
     assert model.test_loss.compute() == pytest.approx(2.0555, abs=1e-4)
+
+
+class ValLossReader(L.Callback):
+    """Records val/loss where callbacks read it: at the validation epoch's end (which Lightning
+    calls on callbacks before the module) and at the validation's end."""
+
+    def __init__(self) -> None:
+        self.at_epoch_end: list[float] = []
+        self.at_end: list[float] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.at_epoch_end.append(float(trainer.callback_metrics.get("val/loss", "nan")))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.at_end.append(float(trainer.callback_metrics["val/loss"]))
+
+
+def test_callbacks_read_each_epochs_own_val_loss(tiny_data_dir: Path, tmp_path: Path) -> None:
+    reader = ValLossReader()
+    model = ImageClassifier(net=NET, optimizer=ADAM)
+    fit_briefly(model, tiny_data_dir, tmp_path, max_epochs=2, callbacks=[reader])
+    assert len(reader.at_end) == 2 and reader.at_end[0] != reader.at_end[1]
+    assert reader.at_epoch_end == reader.at_end

@@ -218,10 +218,16 @@ def test_the_best_epoch_is_tested_and_stays_the_best_across_a_resume(
         assert resumed[figure] == first[figure]
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_a_resumed_run_without_validation_keeps_its_best(
-    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
+    precision: str, compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
 ) -> None:
-    run = [*SIGNALLED, f"data.data_dir={tiny_data_dir}", "trainer.max_epochs=1"]
+    """bf16-true converts the module after Lightning restored the best: not rounded by it.
+    (seed=2: the first epoch's best is 0.05, which bf16 rounds to 0.050048828125.)"""
+    run = [
+        *SIGNALLED, f"data.data_dir={tiny_data_dir}", "trainer.max_epochs=1",
+        f"trainer.precision={precision}", "seed=2",
+    ]  # fmt: skip
     cfg = compose_config(*run)
     first = train(cfg)
     folder = Path(cfg.paths.output_dir)
