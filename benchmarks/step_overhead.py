@@ -19,7 +19,7 @@ machine drifts):
    bookkeeping costs. `--precision` applies to these paths.
 
 python benchmarks/step_overhead.py --device cuda --epochs 3
-python benchmarks/step_overhead.py --device cpu --precision bf16-mixed   # the seed on this CPU
+python benchmarks/step_overhead.py --device cpu --precision 32-true   # the seed in float32 on a CPU
 python benchmarks/step_overhead.py --device cpu --epochs 2 --steps 50 --rounds 1   # smoke run
 
 The last line printed is one JSON object (microseconds per step; also written to --output).
@@ -177,7 +177,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="the first one is warm-up")
     parser.add_argument("--steps", type=int, default=0, help="train steps per epoch (0: all)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each")
-    parser.add_argument("--precision", default="32-true", help="Lightning's: 32-true, bf16-mixed")
+    parser.add_argument(
+        "--precision", help="Lightning's: 32-true, bf16-mixed (default: the config's)"
+    )
     parser.add_argument("--output", help="also write the JSON summary to this file")
     parser.add_argument("overrides", nargs="*", help="train.py config overrides")
     args = parser.parse_args()

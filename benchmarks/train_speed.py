@@ -102,7 +102,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--epochs", type=int, default=2, help="the first one is warm-up when >1")
     parser.add_argument("--steps", type=int, default=0, help="train steps per epoch (0: all)")
-    parser.add_argument("--precision", default="32-true", help="Lightning's: 32-true, bf16-mixed")
+    parser.add_argument(
+        "--precision", help="Lightning's: 32-true, bf16-mixed (default: the config's)"
+    )
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -141,9 +143,10 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
         f"trainer.accelerator={accelerator}",
         "trainer.devices=1",
         f"trainer.max_epochs={args.epochs}",
-        f"++trainer.precision={args.precision}",
         "++trainer.num_sanity_val_steps=0",
     ]
+    if args.precision:
+        overrides.append(f"trainer.precision={args.precision}")
     if args.steps:
         overrides.append(f"++trainer.limit_train_batches={args.steps}")
     if args.channels_last is not None:
@@ -153,7 +156,8 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    args.channels_last = bool(cfg.model.get("channels_last", False))  # both paths alike
+    args.precision = str(cfg.trainer.precision)  # both paths alike
+    args.channels_last = bool(cfg.model.get("channels_last", False))
     args.compile = bool(cfg.model.get("compile", False))
     with open_dict(cfg):
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="train_speed-")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.device_parser import _select_auto_accelerator
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,8 +89,8 @@ def _check_clipping(cfg: DictConfig) -> None:
     if clips and precision in MIXED_PRECISIONS and OmegaConf.select(cfg, "model.optimizer.fused"):
         raise UserError(
             f"trainer.gradient_clip_val={clip!r} with trainer.precision={precision} needs "
-            "model.optimizer.fused=false: Lightning cannot clip a fused optimizer's gradients "
-            "under mixed precision"
+            "model.optimizer.fused=false (or trainer.precision=32-true): Lightning cannot clip a "
+            "fused optimizer's gradients under mixed precision"
         )
 
 
@@ -138,6 +139,19 @@ def on_cuda(accelerator: str) -> bool:
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def default_precision(accelerator: str) -> str:
+    """`bf16-mixed` (bf16 autocast) when the trainer's `accelerator` puts it on a CPU that
+    computes bf16 natively (AVX512-BF16 or AMX): on the project's CPU the seed's epochs take a
+    third less time than in float32, at the same test accuracy (README.md, Speed). `32-true`
+    elsewhere: other CPUs emulate bf16, and GPUs keep the float32 their figures came from."""
+    if accelerator == "auto":
+        accelerator = _select_auto_accelerator()  # Lightning's own choice: tpu, mps, cuda, cpu
+    if accelerator != "cpu":
+        return "32-true"
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16-mixed" if native_bf16 else "32-true"
+
+
 def run_folder(checkpoint: str | None, new_folder: str) -> str:
     """Where a run writes: the folder of the run that `ckpt_path` resumes, else `new_folder`."""
     resumed = resumed_run(checkpoint) if checkpoint else None
@@ -163,6 +177,7 @@ def config_subfolder(checkpoint: str | None) -> str:
 OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty, replace=True)
 OmegaConf.register_new_resolver("gpu_count", torch.cuda.device_count, replace=True)
 OmegaConf.register_new_resolver("on_cuda", on_cuda, replace=True)
+OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
 OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 OmegaConf.register_new_resolver("config_subfolder", config_subfolder, replace=True)
 # Run folder names end in the process id: two runs started in the same second differ.

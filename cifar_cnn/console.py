@@ -28,3 +28,6 @@ def silence_known_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip"))
     # Two ModelCheckpoints (the best; last.ckpt): "best" is the first's, as train.py intends.
     warnings.filterwarnings("ignore", message=r'.*ckpt_path="best"\)` is called with Trainer')
+    # The model summary's size under bf16-mixed (the default on CPUs with bf16 instructions):
+    # its "Using 32 bits instead" is right, as mixed precision keeps the weights in float32.
+    warnings.filterwarnings("ignore", message=r"Precision .*-mixed is not supported by the model")

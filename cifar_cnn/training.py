@@ -53,12 +53,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     validate(cfg)
+    resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    saved = read_checkpoint(resume_from) if resume_from else {}
+    if resume_from and _keep_saved_precision(cfg, saved):
+        validate(cfg)  # again, in that precision (gradient clipping under mixed precision)
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
-    resume_from = resume_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if resume_from:  # checked before the run's files are touched: a refusal loses nothing
-        saved = read_checkpoint(resume_from)
         _check_same_settings(saved, resume_from, datamodule, model)
         _check_same_schedule(saved, resume_from, trainer)
         _check_unfinished(saved, resume_from, trainer)
@@ -230,6 +232,21 @@ def _check_unfinished(saved: dict[str, Any], checkpoint: Path, trainer: L.Traine
             f"{run} has already reached {' and '.join(reached)}: {go_on} evaluate the run "
             f"with: python eval.py ckpt_path={run}"
         )
+
+
+def _keep_saved_precision(cfg: DictConfig, saved: dict[str, Any]) -> bool:
+    """A resumed run goes on in the precision it trained in, which checkpoints record, unless
+    the command or an experiment sets one: the default depends on the machine (bf16 autocast on
+    CPUs with bf16 instructions), and a run moved to another machine would change it midway.
+    True when that changed the config's precision."""
+    default = cfg.trainer.precision
+    own = saved.get("precision", "32-true")  # older checkpoints: no record
+    if not OmegaConf.is_interpolation(cfg.trainer, "precision") or own == default:
+        return False
+    with read_write(cfg), open_dict(cfg):
+        cfg.trainer.precision = own
+    log.info("Resuming in the run's own precision, %s (this machine's default: %s)", own, default)
+    return True
 
 
 def _check_same_settings(

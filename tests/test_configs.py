@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import cifar_cnn.config
 from cifar_cnn.config import check_lr_takes_effect, validate
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.errors import UserError
@@ -55,6 +56,34 @@ def test_default_config_is_the_seed_experiment(compose_config: Callable[..., Dic
     seed = compose_config("experiment=seed_keras")
     assert seed.data == cfg.data and seed.model == cfg.model
     assert seed.trainer.max_epochs == cfg.trainer.max_epochs
+    assert seed.trainer.precision == "32-true"  # the tutorial's, whatever the CPU
+
+
+@pytest.mark.parametrize(
+    ("has_cuda", "avx512_bf16", "amx"),
+    [(False, False, False), (False, True, False), (False, False, True), (True, True, True)],
+)
+def test_the_default_precision_is_bf16_autocast_on_cpus_that_compute_bf16(
+    has_cuda: bool,
+    avx512_bf16: bool,
+    amx: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    compose_config: Callable[..., DictConfig],
+) -> None:
+    auto = "cuda" if has_cuda else "cpu"  # what Lightning's accelerator=auto picks
+    monkeypatch.setattr(cifar_cnn.config, "_select_auto_accelerator", lambda: auto)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    on_cpu = "bf16-mixed" if avx512_bf16 or amx else "32-true"
+    assert compose_config().trainer.precision == ("32-true" if has_cuda else on_cpu)
+    assert compose_config("trainer=cpu").trainer.precision == on_cpu
+    for accelerator in ("cuda", "gpu", "mps", "tpu"):
+        composed = compose_config(f"trainer.accelerator={accelerator}")
+        assert composed.trainer.precision == "32-true"
+    monkeypatch.setattr(cifar_cnn.config, "_select_auto_accelerator", lambda: "tpu")
+    assert compose_config().trainer.precision == "32-true"  # XLA takes no bf16-mixed
+    assert compose_config("trainer=ddp_cpu").trainer.precision == on_cpu
+    assert compose_config("trainer.precision=64-true").trainer.precision == "64-true"
 
 
 @pytest.mark.parametrize("has_cuda", [False, True])

@@ -203,7 +203,12 @@ def test_the_best_epoch_is_tested_and_stays_the_best_across_a_resume(
 
     def test_accuracy(checkpoint: Path) -> float:
         model = ImageClassifier.load_from_checkpoint(checkpoint, weights_only=True)
-        tester = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        tester = L.Trainer(
+            accelerator="cpu",
+            precision=cfg.trainer.precision,  # the run's: its test figures to the last digit
+            logger=False,
+            enable_progress_bar=False,
+        )
         [figures] = tester.test(model, CIFAR10DataModule(data_dir, cache_dir), verbose=False)
         return figures["test/acc"]
 
@@ -235,6 +240,31 @@ def test_a_resumed_run_without_validation_keeps_its_best(
     resumed = train(compose_in("train", on, folder, cache_dir))
     assert resumed["epochs"] == 2 and first["val/acc_best"] is not None
     assert resumed["val/acc_best"] == first["val/acc_best"]
+
+
+@pytest.mark.parametrize("on_resume", [[], ["trainer.precision=bf16-mixed"]])
+def test_a_resumed_run_keeps_the_precision_it_trained_in_unless_told_otherwise(
+    on_resume: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    compose_config: Callable[..., DictConfig],
+    tiny_data_dir: Path,
+    cache_dir: Path,
+) -> None:
+    """The default precision depends on the machine: a run moved to one with bf16 instructions
+    goes on in float32, as it started."""
+    run = [*SIGNALLED, f"data.data_dir={tiny_data_dir}", "trainer.max_epochs=1"]
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cfg = compose_config(*run)
+    train(cfg)
+    folder = Path(cfg.paths.output_dir)
+    last = folder / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["precision"] == "32-true"
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # another CPU
+    on = [*run, "trainer.max_epochs=2", f"ckpt_path={folder}", *on_resume]
+    assert train(compose_in("train", on, folder, cache_dir))["epochs"] == 2
+    assert read_checkpoint(last)["precision"] == ("bf16-mixed" if on_resume else "32-true")
 
 
 def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_resumes_exactly(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -111,12 +112,17 @@ def test_a_run_without_validation_records_no_best_and_valid_json(
 def test_best_checkpoint_reproduces_the_reported_test_accuracy(
     compose_config: Callable[..., DictConfig], data_dir: Path, cache_dir: Path
 ) -> None:
-    metrics = train(compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}"))
+    cfg = compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}")
+    metrics = train(cfg)
     model = ImageClassifier.load_from_checkpoint(
         metrics["best_checkpoint"], map_location="cpu", weights_only=True
     )
     trainer = L.Trainer(
-        accelerator="cpu", limit_test_batches=2, logger=False, enable_progress_bar=False
+        accelerator="cpu",
+        precision=cfg.trainer.precision,  # the run's
+        limit_test_batches=2,
+        logger=False,
+        enable_progress_bar=False,
     )
     [retested] = trainer.test(model, CIFAR10DataModule(data_dir, cache_dir), verbose=False)
     assert retested["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
@@ -145,17 +151,21 @@ def test_both_data_paths_train_to_the_same_weights(
     assert all(torch.equal(value, second[key]) for key, value in first.items())
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_train_py_runs_quietly_and_saves_its_config(
-    data_dir: Path, cache_dir: Path, tmp_path: Path
+    precision: str, data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
+    """Quiet in both defaults: bf16-mixed made Lightning's model summary warn before."""
     run_dir = tmp_path / "run"
     result = run_train_py(
         *FEW_BATCHES, f"data.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
-        cache_dir=cache_dir, cwd=tmp_path,
+        f"trainer.precision={precision}", cache_dir=cache_dir, cwd=tmp_path,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "warning" not in output.lower() and "Traceback" not in output
+    assert not re.search(r"\.py:\d+: ", output)  # Lightning prints warnings as file:line: text
+    assert f"precision: {precision}" in (run_dir / "train.log").read_text()
     # Not a terminal: no progress bars, one line per epoch, in train.log too.
     assert "it/s" not in output
     for epoch in ("epoch 000 (1/2)  train/loss_epoch", "epoch 001 (2/2)  train/loss_epoch"):
