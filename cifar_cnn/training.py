@@ -111,7 +111,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("Test accuracy %.4f (checkpoint %s)", metrics["test/acc"], best or "last weights")
+    _end_process_group()
     return metrics
+
+
+def _end_process_group() -> None:
+    """Ends a DDP run's process group while the interpreter is whole. Lightning does so for
+    NCCL only; a gloo group (DDP on CPUs) left to the interpreter's exit can abort the process
+    with "terminate called without an active exception" after a completed run (its worker
+    threads still hold tensors; pytorch issues #190489, #179291). Seen once in CI here."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def train_in_sweep(cfg: DictConfig) -> float:
