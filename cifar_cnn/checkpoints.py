@@ -121,8 +121,14 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(
         model.eval(),
         checkpoint.get("datamodule_hyper_parameters", {}),
-        checkpoint.get("precision", "32-true"),  # older checkpoints lack it
+        recorded_precision(checkpoint),
     )
+
+
+def recorded_precision(checkpoint: dict[str, Any]) -> str:
+    """The precision the run computed in, as its checkpoint records it (Lightning's names);
+    older checkpoints lack the record, and those runs trained in 32-true."""
+    return checkpoint.get("precision", "32-true")
 
 
 def _reason(error: Exception) -> str:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_cnn.callbacks import StoppedBySignal
-from cifar_cnn.checkpoints import read_checkpoint, resume_checkpoint
+from cifar_cnn.checkpoints import read_checkpoint, recorded_precision, resume_checkpoint
 from cifar_cnn.config import RUN_FIGURES, validate
 from cifar_cnn.errors import UserError
 from cifar_cnn.files import read_record
@@ -250,7 +250,7 @@ def _keep_saved_precision(cfg: DictConfig, saved: dict[str, Any]) -> bool:
     CPUs with bf16 instructions), and a run moved to another machine would change it midway.
     True when that changed the config's precision."""
     default = cfg.trainer.precision
-    own = saved.get("precision", "32-true")  # older checkpoints: no record
+    own = recorded_precision(saved)
     if not OmegaConf.is_interpolation(cfg.trainer, "precision") or own == default:
         return False
     with read_write(cfg), open_dict(cfg):
