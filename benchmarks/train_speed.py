@@ -189,7 +189,8 @@ def reference_loop(
     if args.compile:
         net.compile()  # in place, as ImageClassifier does
     images, labels = images.to(device), labels.to(device)
-    batch_size = cfg.data.batch_size
+    # Read once: a DictConfig read costs about 12 µs, which the loop must not pay every step.
+    batch_size, flip, crop_padding = cfg.data.batch_size, cfg.data.flip, cfg.data.crop_padding
     reset_peak_memory(device)
     epoch_times = []
     profiler = step_profiler(device) if profile else None
@@ -201,7 +202,7 @@ def reference_loop(
         order = torch.randperm(len(labels), device=device)
         for i in range(steps):
             index = order[i * batch_size : (i + 1) * batch_size]
-            batch = augment(to_float_images(images[index]), cfg.data.flip, cfg.data.crop_padding)
+            batch = augment(to_float_images(images[index]), flip, crop_padding)
             batch = batch.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)  # as Lightning does: before the forward
             with autocast(args, device):
