@@ -234,10 +234,11 @@ def reference_eval(
     net.eval()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = images.to(device)
+    batch_size = cfg.data.eval_batch_size  # read once, as in reference_loop
     synchronize(device)
     started = time.perf_counter()
-    for i in range(0, len(images), cfg.data.eval_batch_size):
-        batch = to_float_images(images[i : i + cfg.data.eval_batch_size])
+    for i in range(0, len(images), batch_size):
+        batch = to_float_images(images[i : i + batch_size])
         with autocast(args, device):
             net(batch.contiguous(memory_format=memory_format)).argmax(1)
     synchronize(device)
