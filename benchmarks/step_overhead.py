@@ -46,6 +46,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_speed  # noqa: E402  (the sibling benchmark: its config and project path)
 
+from cifar_cnn.gpu_probe import skip_nvml_probe  # noqa: E402
 from cifar_cnn.memory import keep_freed_memory  # noqa: E402
 from cifar_cnn.module import ImageClassifier  # noqa: E402
 
@@ -186,6 +187,7 @@ def main() -> None:
     # What else train_speed's config and paths read: the config's own settings, no profiler.
     args.channels_last, args.compile, args.profile = None, None, False
     keep_freed_memory()  # as train.py and train_speed.py: glibc keeps freed blocks
+    skip_nvml_probe()  # and no NVML search at each optimizer step without a GPU
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device(args.device)

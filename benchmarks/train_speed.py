@@ -34,6 +34,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
 from cifar_cnn.data import CIFAR10DataModule, augment, to_float_images
+from cifar_cnn.gpu_probe import skip_nvml_probe
 from cifar_cnn.memory import keep_freed_memory
 from cifar_cnn.training import build
 
@@ -44,6 +45,8 @@ def main() -> None:
     args = parse_args()
     if args.keep_freed_memory:
         keep_freed_memory()  # as train.py does: for every path alike
+    if args.skip_nvml_probe:
+        skip_nvml_probe()  # likewise
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -90,6 +93,7 @@ def main() -> None:
         "channels_last": args.channels_last,
         "compile": args.compile,
         "keep_freed_memory": args.keep_freed_memory,
+        "skip_nvml_probe": args.skip_nvml_probe,
         "overrides": args.overrides,
         "details": results,
     }
@@ -121,6 +125,13 @@ def parse_args() -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="glibc keeps freed blocks (cifar_cnn/memory.py), as train.py sets it",
+    )
+    parser.add_argument(
+        "--skip-nvml-probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="without a GPU, no NVML search at each optimizer step (cifar_cnn/gpu_probe.py), "
+        "as train.py sets it",
     )
     parser.add_argument("--keras", action="store_true", help="add the Keras seed (tensorflow)")
     parser.add_argument(

@@ -28,6 +28,7 @@ from cifar_cnn.checkpoints import read_checkpoint, recorded_precision, resume_ch
 from cifar_cnn.config import RUN_FIGURES, validate
 from cifar_cnn.errors import UserError
 from cifar_cnn.files import read_record
+from cifar_cnn.gpu_probe import skip_nvml_probe
 from cifar_cnn.memory import keep_freed_memory
 from cifar_cnn.module import run_length_settings
 from cifar_cnn.provenance import provenance
@@ -58,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume_from and _keep_saved_precision(cfg, saved):
         validate(cfg)  # again, in that precision (gradient clipping under mixed precision)
     keep_freed_memory()
+    skip_nvml_probe()
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     if resume_from:  # checked before the run's files are touched: a refusal loses nothing

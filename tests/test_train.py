@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from cifar_cnn.data import CIFAR10DataModule
+from cifar_cnn.gpu_probe import NVML_CHECK
 from cifar_cnn.module import ImageClassifier
 from cifar_cnn.training import train
 
@@ -38,11 +39,14 @@ def run_train_py(*overrides: str, cache_dir: Path, cwd: Path) -> subprocess.Comp
 
 
 def test_smoke_run_writes_checkpoints_events_and_metrics(
-    compose_config: Callable[..., DictConfig], data_dir: Path
+    compose_config: Callable[..., DictConfig], data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}")
+    monkeypatch.setenv(NVML_CHECK, "1")  # as importing Lightning sets it
     metrics = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
+
+    assert os.environ[NVML_CHECK] == ("1" if torch.cuda.device_count() else "0")
 
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     info = json.loads((run_dir / "run_info.json").read_text())
