@@ -45,8 +45,7 @@ def main() -> None:
     args = parse_args()
     if args.keep_freed_memory:
         keep_freed_memory()  # as train.py does: for every path alike
-    if args.skip_nvml_probe:
-        skip_nvml_probe()  # likewise
+    nvml_probe_skipped = args.skip_nvml_probe and skip_nvml_probe()  # likewise
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -93,7 +92,7 @@ def main() -> None:
         "channels_last": args.channels_last,
         "compile": args.compile,
         "keep_freed_memory": args.keep_freed_memory,
-        "skip_nvml_probe": args.skip_nvml_probe,
+        "nvml_probe_skipped": nvml_probe_skipped,
         "overrides": args.overrides,
         "details": results,
     }

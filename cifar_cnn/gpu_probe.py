@@ -8,17 +8,17 @@ NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def skip_nvml_probe() -> bool:
-    """Lets `torch.cuda.is_available()` ask the CUDA runtime instead of NVML where there is no
-    GPU; True when set.
+    """Where torch sees no GPU, makes `torch.cuda.is_available()` ask the CUDA runtime rather
+    than NVML; True when it did.
 
     Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, so that asking whether CUDA is
-    available does not initialise CUDA in a process that forks later. torch's optimizers ask
-    at every step (`Optimizer.step` checks for CUDA graph capture), and torch keeps the answer
-    only once CUDA is initialised, which without a GPU never happens: each step then searches
-    six folders for libnvidia-ml.so.1 and maps and unmaps ld.so.cache. On the project's CPU
-    that cost 0.3-0.4 ms of a 5-6 ms bf16 step of the seed net (benchmarks/README.md), on a
-    plain PyTorch loop in the same process too. Without a GPU there is no CUDA state that a
-    fork could break, and the runtime's answer takes under a microsecond.
+    available does not initialise CUDA in a process that forks later. Adam's `step` (and that
+    of most torch optimizers, not SGD's) asks at every step, and torch keeps the answer only
+    once CUDA is initialised, which without a GPU never happens: each step then searches the
+    library path for libnvidia-ml.so.1 (benchmarks/README.md, "The NVML probe", measures what
+    that costs). Where that library is missing, torch asks the runtime after the search anyway,
+    so the setting protected no fork there; where it is present but no GPU is visible, no
+    process of the run uses CUDA, so a fork has nothing to break.
     """
     if os.environ.get(NVML_CHECK) != "1" or torch.cuda.device_count() > 0:
         return False

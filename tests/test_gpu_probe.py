@@ -11,29 +11,39 @@ needs_no_gpu = pytest.mark.skipif(
 )
 
 
-def nvml_probes_of_an_optimizer_step(monkeypatch: pytest.MonkeyPatch) -> int:
-    probes = []
-    search = torch.cuda._raw_device_count_nvml
-    monkeypatch.setattr(torch.cuda, "_raw_device_count_nvml", lambda: probes.append(1) or search())
+@pytest.fixture
+def nvml_probes(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry for each time torch counts the GPUs through NVML."""
+    probes: list[None] = []
+    count = torch.cuda._device_count_nvml
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: probes.append(None) or count())
+    return probes
+
+
+def adam_step() -> None:
     layer = torch.nn.Linear(4, 2)
     optimizer = torch.optim.Adam(layer.parameters())
     layer(torch.ones(3, 4)).sum().backward()
     optimizer.step()
-    return len(probes)
 
 
 @needs_no_gpu
-def test_without_a_gpu_optimizer_steps_stop_searching_for_nvml(monkeypatch):
+def test_without_a_gpu_optimizer_steps_stop_probing_nvml(
+    monkeypatch: pytest.MonkeyPatch, nvml_probes: list[None]
+) -> None:
     monkeypatch.setenv(NVML_CHECK, "1")  # as importing Lightning sets it
-    assert nvml_probes_of_an_optimizer_step(monkeypatch) == 1
+    adam_step()
+    assert nvml_probes
 
     assert skip_nvml_probe()
 
-    assert nvml_probes_of_an_optimizer_step(monkeypatch) == 0
+    nvml_probes.clear()
+    adam_step()
+    assert not nvml_probes
     assert not torch.cuda.is_available()
 
 
-def test_with_a_gpu_the_check_stays_nvml_based(monkeypatch):
+def test_with_a_gpu_the_check_stays_nvml_based(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(NVML_CHECK, "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
@@ -42,7 +52,7 @@ def test_with_a_gpu_the_check_stays_nvml_based(monkeypatch):
     assert os.environ[NVML_CHECK] == "1"
 
 
-def test_a_check_set_otherwise_is_left_alone(monkeypatch):
+def test_a_check_set_otherwise_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(NVML_CHECK, raising=False)
 
     assert not skip_nvml_probe()
