@@ -187,7 +187,7 @@ def main() -> None:
     # What else train_speed's config and paths read: the config's own settings, no profiler.
     args.channels_last, args.compile, args.profile = None, None, False
     keep_freed_memory()  # as train.py and train_speed.py: glibc keeps freed blocks
-    skip_nvml_probe()  # and no NVML search at each optimizer step without a GPU
+    skip_nvml_probe()  # and no NVML search at each Adam step without a GPU
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device(args.device)

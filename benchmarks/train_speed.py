@@ -129,7 +129,7 @@ def parse_args() -> argparse.Namespace:
         "--skip-nvml-probe",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="without a GPU, no NVML search at each optimizer step (cifar_cnn/gpu_probe.py), "
+        help="without a GPU, no NVML search at each Adam step (cifar_cnn/gpu_probe.py), "
         "as train.py sets it",
     )
     parser.add_argument("--keras", action="store_true", help="add the Keras seed (tensorflow)")

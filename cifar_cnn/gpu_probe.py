@@ -1,4 +1,4 @@
-"""torch's check for a GPU at every optimizer step, made cheap on machines without one."""
+"""torch's check for a GPU at every Adam step, made cheap on machines without one."""
 
 import os
 
