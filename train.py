@@ -19,7 +19,7 @@ from cifar_cnn.training import train, train_in_sweep
 def main(cfg: DictConfig) -> float:
     """Returns the metric that sweepers optimise (`optimized_metric`); NaN for a failed job."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return train_in_sweep(cfg)
+        return train_in_sweep(cfg, script=__file__)
     with exit_on_user_error():
         metrics = train(cfg)
     return metrics[cfg.optimized_metric]

@@ -81,6 +81,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} is not a checkpoint file: torch.save writes zip archives, and this is none "
             "(or one cut short)"
         )
+    try:  # torch.load does not check the parts' checksums: damaged bytes would load as weights
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError(f"{path} is not a readable checkpoint ({error})") from error
+    if damaged:
+        raise UserError(
+            f"{path} is damaged: its part {damaged} fails its checksum (a disk or copy error); "
+            "use another of the run's checkpoints (a resume reads last.ckpt: copy an "
+            "epoch_NNN.ckpt over it to go on from that epoch)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
@@ -97,6 +108,7 @@ class LoadedCheckpoint(NamedTuple):
     model: ImageClassifier  # on the CPU, in eval mode
     data_settings: dict[str, Any]  # the data module's arguments in the run
     precision: str  # the run's, as Lightning names it: "32-true", "bf16-mixed", ...
+    validation_digest: str | None  # of the run's validation images (CIFAR10DataModule)
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
@@ -122,6 +134,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         model.eval(),
         checkpoint.get("datamodule_hyper_parameters", {}),
         recorded_precision(checkpoint),
+        checkpoint.get("CIFAR10DataModule", {}).get("validation_digest"),  # earlier: none
     )
 
 

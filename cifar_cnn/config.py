@@ -21,8 +21,10 @@ ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerator
 # What a training run reports (metrics.json), and so what sweepers can optimise.
 RUN_FIGURES = ("val/acc_best", "test/acc", "test/loss")
 
-# key: (test of the value, what is allowed). Keys a config lacks are not checked.
+# key: (test of the value, what is allowed). Keys a config lacks are not checked; null is
+# refused but where NULLABLE says what it means.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**32, "a whole number in [0, 2**32)"),
     "model.optimizer.lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "model.scheduler.max_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "model.optimizer.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
@@ -36,7 +38,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a whole number in [0, 32)",
     ),
     "data.shuffle_seed": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0"),
-    "num_errors": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0"),
+    "data.split_seed": (
+        lambda v: isinstance(v, int) and 0 <= v < 2**64,  # torch.Generator's seeds
+        "a whole number in [0, 2**64)",
+    ),
+    "num_errors": (  # errors.png's grid: drawing takes seconds a hundred images
+        lambda v: isinstance(v, int) and 0 <= v <= 256,
+        "a whole number in [0, 256]",
+    ),
     "model.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.norm_bias_lr_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "model.optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -47,12 +56,31 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
 }
 
+# On/off settings. Hydra reads only true and false as such: `data.flip=off` is the string
+# "off", which would count as on.
+SWITCHES = (
+    "data.download",
+    "data.flip",
+    "data.drop_last",
+    "data.on_device",
+    "model.channels_last",
+    "model.compile",
+    "model.flip_tta",
+    "model.translate_tta",
+    "model.optimizer.nesterov",
+    "model.optimizer.fused",
+)
+# null: the run's seed; Lightning's default (1000 epochs, or none with trainer.max_steps);
+# torch's choice.
+NULLABLE = ("data.shuffle_seed", "trainer.max_epochs", "model.optimizer.fused")
+ABSENT = object()
+
 
 def validate(cfg: DictConfig) -> None:
     """Stops on the first value outside what is allowed, naming the key and the value."""
     for key, (allowed, description) in RULES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is ABSENT or (value is None and key in NULLABLE):
             continue
         try:
             ok = bool(allowed(value)) and not isinstance(value, bool)
@@ -60,11 +88,13 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise UserError(f"{key}={value!r} is not allowed: it must be {description}")
-    if "optimized_metric" in cfg and cfg.optimized_metric not in RUN_FIGURES:  # null too
-        raise UserError(
-            f"optimized_metric={cfg.optimized_metric} is not allowed: it must be one of "
-            + ", ".join(RUN_FIGURES)
-        )
+    for key in SWITCHES:
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is ABSENT or (value is None and key in NULLABLE):
+            continue
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} is not allowed: it must be true or false")
+    check_optimized_metric(cfg)
     _check_clipping(cfg)
     _check_gpu_present(cfg)
     if HydraConfig.initialized():
@@ -74,6 +104,15 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             "trainer.fast_dev_run (debug=fast_dev_run) runs one batch of a new run: it does not "
             "go with ckpt_path"
+        )
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """What train.py returns to sweepers must be one of the run's figures."""
+    if "optimized_metric" in cfg and cfg.optimized_metric not in RUN_FIGURES:  # null too
+        raise UserError(
+            f"optimized_metric={cfg.optimized_metric} is not allowed: it must be one of "
+            + ", ".join(RUN_FIGURES)
         )
 
 

@@ -30,6 +30,7 @@ from cifar_cnn.files import written_then_renamed
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATA_DIR_ENV = "CIFAR10_DIR"
+CACHE_DIR_ENV = "CIFAR_CNN_CACHE_DIR"
 IMAGE_SHAPE = (3, 32, 32)
 TORCHVISION_FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
 CACHE_FORMAT = 2  # bump when the cache's content or layout changes
@@ -215,14 +216,15 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_train: InMemoryDataset | None = None
         self.data_val: InMemoryDataset | None = None
         self.data_test: InMemoryDataset | None = None
+        self.validation_digest: str | None = None  # set by setup
 
     def prepare_data(self) -> None:
         """Downloads (torchvision layout, when online) and decodes into the cache, once per node."""
         if self.cache_path.exists():
             return
+        self._check_cache_dir_writable()  # before the decoding, not after it
         log.info("Decoding %s into the cache %s (once)", self.data_dir, self.cache_path)
         train, test = self._decode_source()
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         cache = {
             "train_images": train[0],
             "train_labels": train[1],
@@ -231,9 +233,26 @@ class CIFAR10DataModule(L.LightningDataModule):
         }
         # Write then rename: a run killed mid-write, or a second run building the same
         # cache at once, never leaves a half-written file under the final name.
-        with written_then_renamed(self.cache_path) as partial:
-            torch.save(cache, partial)
+        try:
+            with written_then_renamed(self.cache_path) as partial:
+                torch.save(cache, partial)
+        except (OSError, RuntimeError) as error:  # torch.save's failed open is a RuntimeError
+            raise UserError(self._unwritable_cache_message(error)) from error
         self._remove_outdated_caches()
+
+    def _check_cache_dir_writable(self) -> None:
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # no permission, or a file of that name
+            raise UserError(self._unwritable_cache_message(error)) from error
+        if not os.access(self.cache_dir, os.W_OK | os.X_OK):
+            raise UserError(self._unwritable_cache_message("not writable"))
+
+    def _unwritable_cache_message(self, reason: object) -> str:
+        return (
+            f"cannot write the data cache in {self.cache_dir} ({reason}): point data.cache_dir "
+            f"(or the environment variable {CACHE_DIR_ENV}) at a writable folder"
+        )
 
     def _remove_outdated_caches(self) -> None:
         """Deletes this data folder's caches of earlier contents or cache formats, and caches
@@ -251,6 +270,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         cache = self._load_cache()
         images, labels = cache["train_images"], cache["train_labels"]
         num_val = round(len(labels) * self.hparams.val_fraction)
+        if not 0 < num_val < len(labels):
+            empty = "validation" if num_val == 0 else "training"
+            raise UserError(
+                f"data.val_fraction={self.hparams.val_fraction} of the {len(labels)} training "
+                f"images leaves no {empty} images"
+            )
         # Seeded apart from the run's seed: every run of a sweep validates on the same images.
         order = torch.randperm(
             len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed)
@@ -259,6 +284,14 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_train = InMemoryDataset(images[train_index], labels[train_index])
         self.data_val = InMemoryDataset(images[val_index], labels[val_index])
         self.data_test = InMemoryDataset(cache["test_images"], cache["test_labels"])
+        digest = hashlib.sha256(self.data_val.images.numpy().data)  # 30 MB: 20 ms
+        digest.update(self.data_val.labels.numpy().data)
+        self.validation_digest = digest.hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, str]:
+        """What checkpoints keep of the data: which images the run validated on, so that a
+        resume from other data, whose split would differ, is refused (cifar_cnn/training.py)."""
+        return {"validation_digest": self.validation_digest} if self.validation_digest else {}
 
     def _load_cache(self) -> dict[str, Tensor]:
         """The cache's tensors; an unreadable cache (a truncated file, say) is rebuilt."""
@@ -291,6 +324,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         sampler = EpochPermutation(
             len(dataset), seed, *self._rank_and_world_size, trained=self._trained_this_epoch
         )
+        if self.hparams.drop_last and len(sampler) < self.hparams.batch_size:
+            share = " a process" if self._rank_and_world_size[1] > 1 else ""
+            raise UserError(
+                f"data.batch_size={self.hparams.batch_size} with data.drop_last=true leaves no "
+                f"training batch: an epoch has {len(sampler)} training images{share}"
+            )
         return self._batches("data_train", self.hparams.batch_size, sampler)
 
     def _trained_this_epoch(self) -> int:
@@ -376,7 +415,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         changed source gets a new file (and its folder's outdated ones go)."""
         digest = hashlib.sha256(f"format {CACHE_FORMAT}\n{self.data_dir.resolve()}\n".encode())
         for path in self._source_files():
-            stat = os.stat(path)
+            try:
+                stat = os.stat(path)
+            except OSError as error:  # a broken link, say
+                link = " (a link to a missing file)" if os.path.islink(path) else ""
+                raise UserError(f"cannot read {path}{link}: {error.strerror}") from error
             digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
         return self.cache_dir / f"cifar10-{self._folder_key}-{digest.hexdigest()[:16]}.pt"
 
@@ -565,7 +608,9 @@ def _decode(path: str) -> Tensor:
                     "8-bit RGB; convert it to 8 bits"
                 )
             pixels = np.array(upright_rgb(image))
-    except OSError as error:  # PIL's error for unreadable, truncated and non-image files
+    # PIL's errors for unreadable, truncated and non-image files, and for a header that
+    # claims a huge image.
+    except (OSError, Image.DecompressionBombError) as error:
         raise UserError(f"cannot decode image {path}: {error}") from error
     if pixels.shape != (32, 32, 3):
         raise UserError(

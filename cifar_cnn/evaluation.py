@@ -42,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = _device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.ckpt_path)
     log.info("Checkpoint %s", checkpoint)
-    model, data_settings, trained_in = load_checkpoint(checkpoint)
+    model, data_settings, trained_in, validation_digest = load_checkpoint(checkpoint)
     model = _in_precision(model, cfg.precision or trained_in, device)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -54,9 +54,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     overrides = {key: data_settings[key] for key in SPLIT_SETTINGS if key in data_settings}
     datamodule = instantiate(cfg.data, **overrides)
+    datamodule.prepare_data()
+    datamodule.setup()
     trained_on = data_settings.get("data_dir")
-    if (
+    if cfg.split == "val" and validation_digest not in (None, datamodule.validation_digest):
+        log.warning(
+            "split=val: the data in %s gives other validation images than the run's (it was "
+            "trained on %s, with those files as they were then): these are not the figures "
+            "the run was selected by",
+            datamodule.data_dir, trained_on,
+        )  # fmt: skip
+    elif (  # checkpoints from before the digest: a guess from the folder's name
         cfg.split == "val"
+        and validation_digest is None
         and trained_on
         and Path(trained_on).resolve() != datamodule.data_dir.resolve()
     ):
@@ -65,8 +75,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "the same only if both folders hold the same files",
             datamodule.data_dir, trained_on,
         )  # fmt: skip
-    datamodule.prepare_data()
-    datamodule.setup()
     dataset = datamodule.data_test if cfg.split == "test" else datamodule.data_val
     logits = predict_logits(model, dataset.images, cfg.data.eval_batch_size, device)
     report = classification_report(logits, dataset.labels)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +23,7 @@ from cifar_cnn.files import read_record
 log = logging.getLogger(__name__)
 
 METRIC = "val/acc_best"
+SEARCH_RECORD = "search.yaml"  # a search's space and fixed overrides (hparams_search)
 COLUMNS = ("job", "overrides", "val/acc_best", "test/acc", "epochs", "fit_time_s", "wall_time_s",
            "status", "best_checkpoint")  # fmt: skip
 
@@ -75,7 +78,13 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     overrides = {
         job.name: yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) for job in jobs
     }
-    shared = set.intersection(*(set(values) for values in overrides.values()))
+    swept_keys = _swept_keys(sweep_dir)
+    shared = set.intersection(
+        *(
+            {value for value in values if _key(value) not in swept_keys}
+            for values in overrides.values()
+        )
+    )
     rows = []
     for job in jobs:
         metrics = _job_metrics(job / "metrics.json")
@@ -98,6 +107,36 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     _plot(rows, overrides).savefig(sweep_dir / "summary.png", dpi=100)
     log.info("Sweep summary: %s", sweep_dir / "summary.md")
     return rows
+
+
+def _swept_keys(sweep_dir: Path) -> set[str]:
+    """The keys the sweep varies: a sweep's (multirun.yaml: its command's `lr=1e-3,3e-4`,
+    `choice(...)`, ..., and `hydra.sweeper.params`) or a search's space (search.yaml). Not the
+    keys whose values differ between the jobs that ran: one job, or a search's trials that drew
+    the same value, vary a key too. Neither file (a folder of older versions): none, and the
+    overrides that every job has count as shared."""
+    hydra = _yaml_mapping(sweep_dir / "multirun.yaml").get("hydra") or {}
+    task = (hydra.get("overrides") or {}).get("task") or []
+    try:
+        parsed = OverridesParser.create().parse_overrides(task)
+    except OverrideParseException:
+        parsed = []
+    keys = {override.get_key_element() for override in parsed if override.is_sweep_override()}
+    keys |= set((hydra.get("sweeper") or {}).get("params") or {})
+    return keys | set(_yaml_mapping(sweep_dir / SEARCH_RECORD).get("space") or {})
+
+
+def _yaml_mapping(path: Path) -> dict[str, Any]:
+    """The file's YAML, read as is (not resolved: `${now:...}` needs Hydra); {} if none."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0]
 
 
 def _job_metrics(path: Path) -> dict[str, Any]:

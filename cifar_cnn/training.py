@@ -66,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _check_same_settings(saved, resume_from, datamodule, model)
         _check_same_schedule(saved, resume_from, trainer)
         _check_unfinished(saved, resume_from, trainer)
+        _check_same_validation_images(saved, resume_from, datamodule)  # loads the data
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: one process writes the run's files
@@ -126,10 +127,11 @@ def _end_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def train_in_sweep(cfg: DictConfig) -> float:
+def train_in_sweep(cfg: DictConfig, script: str) -> float:
     """One job of a sweep: `optimized_metric`, or NaN when the job fails. A failure (bad data,
     a NaN loss, out of memory, a bug) is logged and recorded in the job's metrics.json, and the
-    other jobs go on; Ctrl-C or SIGTERM ends the whole sweep."""
+    other jobs go on; Ctrl-C or SIGTERM ends the whole sweep. `script` is the entry point's
+    file, which the job's further DDP processes run."""
     try:
         if cfg.get("ckpt_path"):
             raise UserError("resume one run at a time: ckpt_path does not go with -m")
@@ -145,7 +147,7 @@ def train_in_sweep(cfg: DictConfig) -> float:
             with open_dict(cfg):
                 cfg.ckpt_path = str(own_checkpoint)
         if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
-            _ddp_processes_join_this_job(cfg)
+            _ddp_processes_join_this_job(cfg, script)
         return _figure(train(cfg), cfg.optimized_metric)
     except StoppedBySignal as error:
         _record_failure(cfg, "stopped", error)
@@ -166,14 +168,16 @@ def _figure(metrics: dict[str, Any], name: str) -> float:
     return float("nan") if value is None else value
 
 
-def _ddp_processes_join_this_job(cfg: DictConfig) -> None:
-    """Lightning starts each further DDP process as `python <script> <sys.argv[1:]>
-    hydra.run.dir=<hydra.run.dir>`: in a sweep that would start the whole sweep again,
-    elsewhere. Make it a plain run of this job, with its overrides (and the checkpoint it
-    continues from), in its folder."""
+def _ddp_processes_join_this_job(cfg: DictConfig, script: str) -> None:
+    """Lightning starts each further DDP process as `python <sys.argv> hydra.run.dir=<hydra.run
+    .dir>`: in a sweep that would start the whole sweep again, elsewhere. Make it a plain run
+    of this job, with its overrides (and the checkpoint it continues from), in its folder.
+    Where `__main__` is a module run with `-m`, Lightning starts that module instead: the
+    submitit launchers run each job in `python -m submitit.core._submit`, not this script."""
     hydra = HydraConfig.get()
     resumed = [f"ckpt_path={cfg.ckpt_path}"] if cfg.get("ckpt_path") else []
-    sys.argv = [sys.argv[0], *hydra.overrides.task, *resumed]
+    sys.argv = [script, *hydra.overrides.task, *resumed]
+    sys.modules["__main__"].__spec__ = None
     with read_write(hydra):
         hydra.run.dir = hydra.runtime.output_dir
 
@@ -288,6 +292,28 @@ def _check_same_settings(
             f"cannot resume from {checkpoint}: it was trained with other settings "
             f"({_listed(differences)}). "
             f"{_how_to_resume(differences)} (the run's overrides: {overrides})"
+        )
+
+
+def _check_same_validation_images(
+    saved: dict[str, Any], checkpoint: Path, datamodule: L.LightningDataModule
+) -> None:
+    """A run resumes on the images it was validated on. Other data (another copy, a layout
+    that lists the images in another order, a folder whose files changed) draws another split,
+    which would train on images the run validated on and selected its best epoch by."""
+    then = saved.get(type(datamodule).__qualname__, {}).get("validation_digest")
+    if then is None:  # checkpoints of versions before the record
+        return
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # done once: the fit's own setup finds the data loaded
+    if datamodule.validation_digest != then:
+        trained_on = saved.get("datamodule_hyper_parameters", {}).get("data_dir")
+        raise UserError(
+            f"cannot resume from {checkpoint}: the data in {datamodule.data_dir} gives other "
+            f"validation images than the run's (it was trained on {trained_on}, with those "
+            "files as they were then; or the images decode otherwise here, with another Pillow), "
+            "so it would train on images it validated on. Resume with the run's data "
+            "(data.data_dir), or start a new run"
         )
 
 

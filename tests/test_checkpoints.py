@@ -100,6 +100,18 @@ def test_files_that_are_not_our_checkpoints_are_named(tmp_path: Path, checkpoint
         load_checkpoint(other)
 
 
+def test_a_checkpoint_with_damaged_bytes_is_named_not_loaded(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    content = bytearray(checkpoint.read_bytes())
+    middle = len(content) // 2  # in the weights or the optimizer's state
+    content[middle : middle + 64] = bytes(b ^ 0xFF for b in content[middle : middle + 64])
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(content)
+    with pytest.raises(UserError, match=f"{damaged} is damaged: its part .* fails its checksum"):
+        load_checkpoint(damaged)
+
+
 def test_weights_that_do_not_fit_their_net_are_named(tmp_path: Path, checkpoint: Path) -> None:
     content = torch.load(checkpoint, weights_only=True)
     content["hyper_parameters"]["net"]["hidden_units"] = 32

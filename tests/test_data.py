@@ -242,6 +242,67 @@ def test_a_broken_image_stops_the_run_naming_the_file(
         ready(tiny_data_dir, tmp_path / "cache")
 
 
+def test_a_broken_link_or_a_huge_image_header_stops_the_run_naming_the_file(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = tiny_data_dir / "train" / "cat" / "9999.jpg"
+    link.symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(UserError, match=f"cannot read {link} \\(a link to a missing file\\)"):
+        ready(tiny_data_dir, tmp_path / "cache")
+    link.unlink()
+    # PIL refuses images of over twice MAX_IMAGE_PIXELS as decompression bombs: as a header
+    # that claims 20000x20000 pixels would be.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(UserError, match="cannot decode image .*exceeds limit"):
+        ready(tiny_data_dir, tmp_path / "cache")
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_before_decoding(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file")
+    decoded = []
+    monkeypatch.setattr(CIFAR10DataModule, "_decode_source", lambda self: decoded.append(1))
+    with pytest.raises(
+        UserError,
+        match=f"cannot write the data cache in {not_a_folder} .*"
+        "point data.cache_dir \\(or the environment variable CIFAR_CNN_CACHE_DIR",
+    ):
+        ready(tiny_data_dir, not_a_folder)
+    assert not decoded
+    monkeypatch.undo()
+
+    def full_disk(obj: object, path: Path) -> None:
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=f"cannot write the data cache in {tmp_path / 'c2'}"):
+        ready(tiny_data_dir, tmp_path / "c2")
+    assert list((tmp_path / "c2").iterdir()) == []  # no half-written file left
+
+
+@pytest.mark.parametrize(("fraction", "empty"), [(0.001, "validation"), (0.999, "training")])
+def test_a_val_fraction_that_leaves_a_split_empty_is_named(
+    fraction: float, empty: str, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(UserError, match=f"data.val_fraction={fraction} of the 100 training "
+                       f"images leaves no {empty} images"):  # fmt: skip
+        ready(tiny_data_dir, tmp_path / "cache", val_fraction=fraction)
+
+
+def test_a_batch_larger_than_the_training_set_with_drop_last_is_named(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    datamodule = ready(tiny_data_dir, tmp_path / "cache", batch_size=81, drop_last=True)
+    with pytest.raises(UserError, match="data.batch_size=81 with data.drop_last=true leaves no "
+                       "training batch: an epoch has 80 training images"):  # fmt: skip
+        datamodule.train_dataloader()
+    assert len(ready(tiny_data_dir, tmp_path / "cache", batch_size=80, drop_last=True)
+               .train_dataloader()) == 1  # fmt: skip
+
+
 def test_images_of_another_size_stop_the_run_and_grayscale_ones_are_converted(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:

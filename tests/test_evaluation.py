@@ -97,6 +97,24 @@ def test_eval_on_val_uses_the_split_the_checkpoint_was_trained_with(
     assert support == val_counts(3) != val_counts(0)
 
 
+def test_eval_on_val_warns_when_the_data_gives_other_validation_images(
+    trained_run: tuple[Path, dict],
+    data_dir: Path,
+    tiny_data_dir: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run_dir, _ = trained_run
+    with caplog.at_level(logging.WARNING, logger="cifar_cnn.evaluation"):
+        run_eval(run_dir, data_dir, cache_dir, tmp_path / "same", "split=val")
+        assert "validation images" not in caplog.text
+        run_eval(run_dir, tiny_data_dir, cache_dir, tmp_path / "other", "split=val")
+    assert f"the data in {tiny_data_dir} gives other validation images than the run's" in (
+        caplog.text
+    )
+
+
 def test_the_errors_figure_shows_the_most_confident_mistakes_first() -> None:
     labels = torch.tensor([0, 1, 2, 3, 4])
     logits = torch.zeros(5, 10)
@@ -171,6 +189,10 @@ def test_an_unknown_eval_precision_is_named(
         ("device=gpu", "device=gpu is not allowed: use auto, cpu, cuda or cuda:<index>"),
         ("device=xpu:0", "device=xpu:0 is not allowed"),
         ("num_errors=-1", "num_errors=-1 is not allowed"),
+        (
+            "num_errors=1000",
+            r"num_errors=1000 is not allowed: it must be a whole number in \[0, 256\]",
+        ),
         ("num_errors=true", "num_errors=True is not allowed"),
         ("data.eval_batch_size=0", "data.eval_batch_size=0 is not allowed"),
     ],

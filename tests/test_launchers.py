@@ -74,3 +74,26 @@ def test_local_launcher_runs_a_sweep_and_a_preempted_job_continues(
     assert "continuing from it" in logs[0] and "continuing from it" not in logs[1]
     assert logs[0].count("epoch 000 (1/40)") == 1  # not started again from scratch
     assert (sweep / "summary.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_sweep_job_on_the_local_launcher_trains_in_two_ddp_processes(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """submitit runs the job in `python -m submitit.core._submit`: Lightning must start the
+    job's second process from train.py, not from that module."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "trainer=ddp_cpu",
+        "seed=1", f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.max_epochs=1",
+        "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 1
+    second = (sweep / "0" / "train_ddp_process_1.log").read_text()  # in the job's folder
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in second

@@ -335,6 +335,31 @@ def test_a_moved_run_folder_resumes_with_its_best_checkpoint(
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
 
 
+def test_resuming_on_data_that_splits_otherwise_is_refused(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    overrides = [*SIGNALLED, f"data.data_dir={tiny_data_dir}"]
+    first = compose_config(*overrides, "trainer.max_epochs=1")
+    train(first)
+    run = Path(first.paths.output_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    assert len(read_checkpoint(last)["CIFAR10DataModule"]["validation_digest"]) == 16
+    other = tmp_path / "one-image-less"
+    shutil.copytree(tiny_data_dir, other)
+    (other / "train" / "airplane" / "0000.jpg").unlink()  # 99 images: another split
+
+    resumed = [*overrides, "trainer.max_epochs=2", f"ckpt_path={run}"]
+    elsewhere = [*resumed, f"data.data_dir={other}"]
+    with pytest.raises(UserError, match=f"the data in {other} gives other validation images"):
+        train(compose_in("train", elsewhere, run, cache_dir))
+    assert last.read_bytes() == saved
+    copy = tmp_path / "a-copy"  # the same files elsewhere: the same split
+    shutil.copytree(tiny_data_dir, copy)
+    elsewhere = [*resumed, f"data.data_dir={copy}"]
+    assert train(compose_in("train", elsewhere, run, cache_dir))["status"] == "completed"
+
+
 def test_resuming_with_other_settings_is_refused(
     data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:

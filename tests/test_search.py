@@ -1,6 +1,7 @@
 """Optuna searches (conf/hparams_search/): the study lives in the search folder and a rerun of
 the same command continues it toward n_trials, whatever stopped it."""
 
+import csv
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from hydra_plugins.cifar_cnn_search.resumable_optuna import (
@@ -69,6 +71,11 @@ def test_a_rerun_with_more_trials_continues_the_study(
         assert f"model.optimizer.lr={trial.params['model.optimizer.lr']}" in overrides
     summary = (tmp_path / SEARCH / "summary.md").read_text()
     assert "(4 jobs, best val/acc_best first)" in summary
+    space = yaml.safe_load((tmp_path / SEARCH / "search.yaml").read_text())["space"]
+    assert sorted(space) == sorted(study[0].params)  # the summary's columns, whatever was drawn
+    with (tmp_path / SEARCH / "summary.csv").open() as file:
+        for row in csv.DictReader(file):
+            assert sorted(o.partition("=")[0] for o in row["overrides"].split()) == sorted(space)
     assert (tmp_path / SEARCH / "optimization_results.yaml").is_file()
 
 
@@ -159,15 +166,29 @@ def test_a_rerun_with_another_search_space_is_refused(
     assert len(trials(tmp_path)) == 1
 
 
-def test_a_search_of_an_lr_that_its_schedule_overrides_is_refused_before_any_trial(
-    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["experiment=seed_augmented"],
+            "model.optimizer.lr has no effect: OneCycleLR sets the learning rate itself",
+        ),
+        (
+            ["optimized_metric=test/loss"],
+            "optimized_metric=test/loss is to be minimized, but hydra.sweeper.direction="
+            "maximize: set hydra.sweeper.direction=minimize",
+        ),
+    ],
+)
+def test_a_search_that_cannot_find_what_it_seeks_is_refused_before_any_trial(
+    overrides: list[str], message: str, tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
-    command = search_command(tiny_data_dir, 2, "experiment=seed_augmented")
+    command = search_command(tiny_data_dir, 2, *overrides)
     env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output
-    assert "model.optimizer.lr has no effect: OneCycleLR sets the learning rate itself" in output
+    assert message in output
     assert not (tmp_path / SEARCH).exists()  # refused before the study or any job
 
 

@@ -127,6 +127,33 @@ def test_summary_sorts_best_first_and_groups_seeds(tmp_path: Path) -> None:
     assert "| model.optimizer.lr=0.1 |" not in summary
 
 
+@pytest.mark.parametrize("search", [False, True])
+def test_summary_names_the_swept_settings_even_where_the_jobs_agree_on_them(
+    search: bool, tmp_path: Path
+) -> None:
+    """One job of a two-job sweep ran; or a search's two trials drew the same batch size."""
+    if search:  # as the search writes it (hparams_search)
+        space = {"model.optimizer.lr": "{...}", "data.batch_size": "{...}"}
+        record = {"space": space, "fixed": {"trainer.max_epochs": "2"}}
+        (tmp_path / "search.yaml").write_text(json.dumps(record))  # JSON is YAML
+    else:  # as Hydra writes it, unresolved
+        task = ["model.optimizer.lr=1e-3,3e-4", "trainer.max_epochs=2", "tag=${now:%H}"]
+        multirun = {"hydra": {"overrides": {"task": task}}}
+        (tmp_path / "multirun.yaml").write_text(json.dumps(multirun))
+    completed = {"status": "completed", "val/acc_best": 0.5, "test/acc": 0.5}
+    jobs = ["0", "1"] if search else ["0"]
+    for job in jobs:
+        more = ["data.batch_size=64"] if search else ["tag=12"]
+        fake_job(tmp_path, job, ["model.optimizer.lr=0.001", "trainer.max_epochs=2", *more],
+                 completed)  # fmt: skip
+
+    rows = write_summary(tmp_path)
+    swept = "model.optimizer.lr=0.001" + (" data.batch_size=64" if search else "")
+    assert [row["overrides"] for row in rows] == [swept] * len(jobs)
+    shared = ("" if search else "tag=12 ") + "trainer.max_epochs=2"  # sorted
+    assert f"Every job: `{shared}`" in (tmp_path / "summary.md").read_text()
+
+
 def test_summary_of_a_folder_without_jobs_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no job folders"):
         write_summary(tmp_path)

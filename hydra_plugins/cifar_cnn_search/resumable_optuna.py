@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
@@ -30,12 +31,12 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (
 )
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
-from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.distributions import distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_cnn.config import check_lr_takes_effect
+from cifar_cnn.config import check_lr_takes_effect, check_optimized_metric
 from cifar_cnn.errors import UserError, exit_on_user_error
-from cifar_cnn.sweep import write_summary
+from cifar_cnn.sweep import SEARCH_RECORD, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
             distributions.pop(name, None)
         # Refused here, not in each trial: every one of them would fail.
         check_lr_takes_effect(self.config, distributions.keys() | fixed.keys())
+        check_optimized_metric(self.config)
+        _check_direction(self.config.optimized_metric, self._get_directions())
 
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)  # SQLite's file lives there
         study = optuna.create_study(
@@ -75,7 +78,13 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
             directions=self._get_directions(),
             load_if_exists=True,
         )
-        _check_same_search(study, distributions, fixed)
+        search = {
+            "space": {name: distribution_to_json(d) for name, d in sorted(distributions.items())},
+            "fixed": {name: str(value) for name, value in sorted(fixed.items())},
+        }
+        _check_same_search(study, search)
+        # Beside the trials: what the search varies (the summary's columns) and holds fixed.
+        (Path(self.sweep_dir) / SEARCH_RECORD).write_text(yaml.safe_dump(search))
         # SQLite serves one worker at a time: its running trials elsewhere are dead too.
         _mark_interrupted(study, shared=not str(self.storage).startswith("sqlite:"))
         done = len(_counted(study))
@@ -145,15 +154,19 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         )
 
 
-def _check_same_search(
-    study: optuna.Study, distributions: dict[str, BaseDistribution], fixed: dict[str, Any]
-) -> None:
-    """Records the search's space and fixed overrides; a rerun must bring the same ones, or
-    its trials would not be comparable with the study's earlier ones."""
-    search = {
-        "space": {name: distribution_to_json(d) for name, d in sorted(distributions.items())},
-        "fixed": {name: str(value) for name, value in sorted(fixed.items())},
-    }
+def _check_direction(metric: str, directions: list[str]) -> None:
+    """A loss is minimised, an accuracy maximised: the search's direction must agree."""
+    wanted = "minimize" if metric.endswith("loss") else "maximize"
+    if [direction.lower() for direction in directions] != [wanted]:
+        raise UserError(
+            f"optimized_metric={metric} is to be {wanted}d, but hydra.sweeper.direction="
+            f"{','.join(directions)}: set hydra.sweeper.direction={wanted}"
+        )
+
+
+def _check_same_search(study: optuna.Study, search: dict[str, dict[str, str]]) -> None:
+    """Records the search's space and fixed overrides in the study; a rerun must bring the
+    same ones, or its trials would not be comparable with the study's earlier ones."""
     recorded = study.user_attrs.get(SEARCH)
     if recorded is None:
         study.set_user_attr(SEARCH, search)
