@@ -79,8 +79,8 @@ ABSENT = object()
 def validate(cfg: DictConfig) -> None:
     """Stops on the first value outside what is allowed, naming the key and the value."""
     for key, (allowed, description) in RULES.items():
-        value = OmegaConf.select(cfg, key, default=ABSENT)
-        if value is ABSENT or (value is None and key in NULLABLE):
+        value = _checked_value(cfg, key)
+        if value is ABSENT:
             continue
         try:
             ok = bool(allowed(value)) and not isinstance(value, bool)
@@ -89,10 +89,8 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise UserError(f"{key}={value!r} is not allowed: it must be {description}")
     for key in SWITCHES:
-        value = OmegaConf.select(cfg, key, default=ABSENT)
-        if value is ABSENT or (value is None and key in NULLABLE):
-            continue
-        if not isinstance(value, bool):
+        value = _checked_value(cfg, key)
+        if value is not ABSENT and not isinstance(value, bool):
             raise UserError(f"{key}={value!r} is not allowed: it must be true or false")
     check_optimized_metric(cfg)
     _check_clipping(cfg)
@@ -105,6 +103,13 @@ def validate(cfg: DictConfig) -> None:
             "trainer.fast_dev_run (debug=fast_dev_run) runs one batch of a new run: it does not "
             "go with ckpt_path"
         )
+
+
+def _checked_value(cfg: DictConfig, key: str) -> Any:
+    """The key's value, to check; ABSENT where the config lacks the key, or holds a null that
+    means something (NULLABLE)."""
+    value = OmegaConf.select(cfg, key, default=ABSENT)
+    return ABSENT if value is None and key in NULLABLE else value
 
 
 def check_optimized_metric(cfg: DictConfig) -> None:
