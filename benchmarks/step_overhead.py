@@ -163,7 +163,7 @@ def seed_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> floa
     datamodule = instantiate(cfg.data)  # a fresh one: the on-device path moves its tensors
     datamodule.prepare_data()
     datamodule.setup("fit")
-    steps = args.steps or len(datamodule.train_dataloader())
+    steps = train_speed.epoch_steps(args, datamodule)
     if variant == "plain":
         train = datamodule.data_train
         device = torch.device(args.device)
@@ -192,6 +192,10 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device(args.device)
     cfg = train_speed.compose_config(args)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    train_speed.epoch_steps(args, datamodule)  # a bad --steps stops before the first round
 
     inputs = torch.randn(ROWS, 4, device=device)
     rows = _Rows(inputs, torch.randint(0, 2, (ROWS,), device=device))

@@ -39,6 +39,9 @@ from cifar_cnn.memory import keep_freed_memory
 from cifar_cnn.training import build
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The precisions the plain loop runs (autocast's dtype; None: float32), Lightning's names.
+AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+PRECISION_ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}  # Lightning's
 
 
 def main() -> None:
@@ -56,7 +59,7 @@ def main() -> None:
     train_images, train_labels = datamodule.data_train.images, datamodule.data_train.labels
     test_images, test_labels = datamodule.data_test.images, datamodule.data_test.labels
     batch_size = cfg.data.batch_size
-    steps = args.steps or len(datamodule.train_dataloader())  # drop_last as the config says
+    steps = epoch_steps(args, datamodule)
 
     # Reference, project, reference again: a shared machine drifts over minutes, and the
     # reference's mean over both sides of the project is the fair comparison.
@@ -67,7 +70,9 @@ def main() -> None:
     results["reference"] = {
         **epoch_figures(before["epoch_times_s"] + after["epoch_times_s"], steps * batch_size,
                         warm_up=[0, args.epochs], runs=2),
-        "peak_memory_mb": max(before["peak_memory_mb"], after["peak_memory_mb"]),
+        # The first run's: on a CPU the figure is the process's high-water mark so far, and
+        # the second run comes after the project's.
+        "peak_memory_mb": before["peak_memory_mb"],
         "eval_images_per_s": reference_eval(
             cfg, args, device, after["net"], test_images, test_labels
         ),
@@ -166,17 +171,35 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    args.precision = str(cfg.trainer.precision)  # both paths alike
+    precision = str(cfg.trainer.precision)
+    precision = PRECISION_ALIASES.get(precision, precision)
+    if accelerator == "cpu" and precision == "16-mixed":  # as Lightning does on a CPU
+        precision = "bf16-mixed"
+    if precision not in AUTOCAST_DTYPES:
+        raise SystemExit(
+            f"precision {precision}: the plain loop runs {', '.join(AUTOCAST_DTYPES)} only"
+        )
+    args.precision = precision  # both paths alike
     args.channels_last = bool(cfg.model.get("channels_last", False))
     args.compile = bool(cfg.model.get("compile", False))
     with open_dict(cfg):
+        cfg.trainer.precision = precision
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="train_speed-")
         del cfg.hydra
     return cfg
 
 
+def epoch_steps(args: argparse.Namespace, datamodule: CIFAR10DataModule) -> int:
+    """Training steps an epoch: --steps, at most the epoch's batches (drop_last as the config
+    says); all of them without it."""
+    batches = len(datamodule.train_dataloader())
+    if not 0 <= args.steps <= batches:
+        raise SystemExit(f"--steps {args.steps}: an epoch has {batches} batches")
+    return args.steps or batches
+
+
 def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+    dtype = AUTOCAST_DTYPES[args.precision]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -427,7 +450,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """The device's peak allocation on CUDA; on CPU, the process's peak resident size so far."""
+    """The device's peak allocation on CUDA; on CPU, the process's peak resident size so far
+    (the decoded data set and whatever ran before included)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

@@ -31,18 +31,24 @@ class EpochSummary(Callback):
     def __init__(self, keys: tuple[str, ...] = ("train/loss_epoch", "val/loss", "val/acc")) -> None:
         self.keys = keys
         self._epoch_start = 0.0
+        self._validated = False  # this epoch: else val/ figures are an earlier epoch's
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()  # a run resumed mid-epoch starts no epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
+        self._validated = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:  # DDP: one line per epoch, from the first process
             return
         metrics = trainer.callback_metrics
-        figures = "  ".join(f"{key} {metrics[key]:.4f}" for key in self.keys if key in metrics)
+        keys = [k for k in self.keys if k in metrics and (self._validated or "val/" not in k)]
+        figures = "  ".join(f"{key} {metrics[key]:.4f}" for key in keys)
         seconds = time.perf_counter() - self._epoch_start
         epoch = trainer.current_epoch
         log.info(
@@ -120,6 +126,10 @@ class GracefulStop(Callback):
     A signal in an epoch's last batch or its validation stops at the epoch's end instead, with
     its validation and checkpoints: Lightning would count an epoch saved at its last batch as
     done and skip that validation on resume, and an end-of-epoch checkpoint resumes exactly.
+    For the same reasons the stop waits for the end of a gradient accumulation window
+    (checkpoints keep no gradients) and, where a mid-epoch validation follows the batch
+    (`val_check_interval`), for the next batch (at worst, the epoch's end). It runs after the
+    other callbacks (`training.build`), so that the batch's state is theirs too.
     A second Ctrl-C stops at once, without saving.
     """
 
@@ -140,6 +150,8 @@ class GracefulStop(Callback):
     ) -> None:  # fmt: skip
         if self._received is None or batch_idx + 1 == trainer.num_training_batches:
             return  # an epoch's last batch: on_train_epoch_end stops
+        if _mid_accumulation(trainer, batch_idx) or _validates_after(trainer, batch_idx):
+            return  # a later batch stops
         path = _save_last(trainer)
         raise self._stopped(f"at step {trainer.global_step} (epoch {trainer.current_epoch})", path)
 
@@ -296,9 +308,11 @@ class Lookahead(Callback):
         self._average: list[torch.Tensor] = []
         self._weights: list[torch.Tensor] = []
         self._total_steps = 0
+        self._averaged_at = 0  # the last step seen: batches of an accumulation window share one
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._total_steps = trainer.estimated_stepping_batches
+        self._averaged_at = trainer.global_step
         # The net's floating-point state, as airbench: parameters and BatchNorm statistics
         # (views of the net's own tensors: writing them writes the net).
         self._weights = [t for t in pl_module.net.state_dict().values() if t.is_floating_point()]
@@ -313,6 +327,9 @@ class Lookahead(Callback):
         batch_idx: int,
     ) -> None:  # fmt: skip
         step, total = trainer.global_step, self._total_steps
+        if step == self._averaged_at:  # no optimizer step since: gradients accumulate
+            return
+        self._averaged_at = step
         last = step >= total
         if step % self.every_n_steps and not last:
             return
@@ -327,6 +344,25 @@ class Lookahead(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._average = list(state_dict["average"])
+
+
+def _mid_accumulation(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the batch leaves gradients for a later one (`accumulate_grad_batches`); an
+    epoch's last batch always steps."""
+    last = batch_idx + 1 == trainer.num_training_batches
+    return (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not last
+
+
+def _validates_after(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether a mid-epoch validation follows the batch, by Lightning's batch rule (not its
+    time rule, `val_check_interval` as a duration)."""
+    every, epochs = trainer.val_check_batch, trainer.check_val_every_n_epoch
+    if not isinstance(every, int) or not trainer.enable_validation:  # inf: no length
+        return False
+    if epochs is not None and (trainer.current_epoch + 1) % epochs:
+        return False
+    count = batch_idx if epochs is not None else trainer.fit_loop.epoch_loop.total_batch_idx
+    return (count + 1) % every == 0
 
 
 def _save_last(trainer: L.Trainer) -> Path:

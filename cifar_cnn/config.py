@@ -94,6 +94,7 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is not allowed: it must be true or false")
     check_optimized_metric(cfg)
     _check_clipping(cfg)
+    _check_norm_bias_lr_scale(cfg)
     _check_gpu_present(cfg)
     if HydraConfig.initialized():
         overrides = HydraConfig.get().overrides.task
@@ -143,6 +144,20 @@ RATE_SETTING_SCHEDULERS = {
     "torch.optim.lr_scheduler.OneCycleLR": ("max_lr",),
     "torch.optim.lr_scheduler.CyclicLR": ("base_lr", "max_lr"),
 }
+
+
+def _check_norm_bias_lr_scale(cfg: DictConfig) -> None:
+    """Such a schedule sets every parameter group's rate: the scale would only cut the
+    BatchNorm biases' weight decay."""
+    scale = OmegaConf.select(cfg, "model.norm_bias_lr_scale")
+    scheduler = str(OmegaConf.select(cfg, "model.scheduler._target_"))
+    if scale not in (None, 1) and scheduler in RATE_SETTING_SCHEDULERS:
+        raise UserError(
+            f"model.norm_bias_lr_scale={scale} has no effect on the rate with "
+            f"{scheduler.rpartition('.')[2]}, which sets every parameter group's rate itself "
+            "(it would only divide the BatchNorm biases' weight decay): set "
+            "model.norm_bias_lr_scale=1, or another model.scheduler"
+        )
 
 
 def check_lr_takes_effect(cfg: DictConfig, set_keys: Collection[str]) -> None:

@@ -270,7 +270,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         cache = self._load_cache()
         images, labels = cache["train_images"], cache["train_labels"]
         num_val = round(len(labels) * self.hparams.val_fraction)
-        if not 0 < num_val < len(labels):
+        # 0 itself is for code that wants every training image (benchmarks/airbench_reference)
+        if not 0 <= num_val < len(labels) or (num_val == 0 and self.hparams.val_fraction > 0):
             empty = "validation" if num_val == 0 else "training"
             raise UserError(
                 f"data.val_fraction={self.hparams.val_fraction} of the {len(labels)} training "

@@ -46,8 +46,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = _in_precision(model, cfg.precision or trained_in, device)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.predict:
-        rows = predict_files(model, Path(cfg.predict), output_dir / "predictions.csv", device)
+    if cfg.predict not in (None, ""):  # a path, though Hydra reads predict=2024 as a number
+        rows = predict_files(model, Path(str(cfg.predict)), output_dir / "predictions.csv", device)
         return {"predictions": len(rows)}
     if cfg.split not in ("test", "val"):
         raise UserError(f"split={cfg.split} is not a split: use split=test or split=val")

@@ -150,13 +150,16 @@ class ImageClassifier(L.LightningModule):
         self._epoch_correct += correct
         self._epoch_batches += 1
         self._epoch_images += len(labels)
+        # With accumulate_grad_batches, a window's batches share a step: its last one counts.
+        last_batch = batch_idx + 1 == self.trainer.num_training_batches
+        steps = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 or last_batch
         every = self.trainer.log_every_n_steps
-        if every and (self.trainer.global_step + 1) % every == 0:  # Lightning's own rule
+        if steps and every and (self.trainer.global_step + 1) % every == 0:  # Lightning's rule
             figures = {"train/loss_step": loss, "train/acc_step": correct / len(labels)}
             # Not in the progress bar: Lightning reads its values from the device every batch.
             self.log_dict(figures, on_step=True, on_epoch=False)
-        last_step = self.trainer.global_step + 1 == self.trainer.max_steps  # max_steps=-1: never
-        if batch_idx + 1 == self.trainer.num_training_batches or last_step:
+        last_step = steps and self.trainer.global_step + 1 == self.trainer.max_steps  # -1: never
+        if last_batch or last_step:
             figures = {
                 "train/loss_epoch": self._epoch_loss_sum / self._epoch_batches,
                 "train/acc_epoch": self._epoch_correct / self._epoch_images,

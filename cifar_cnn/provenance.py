@@ -16,8 +16,9 @@ PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def provenance(seed: int) -> dict[str, Any]:
-    """The command, seed, versions, hardware and the project's git commit (None outside git)."""
+def provenance(seed: int, device: torch.device) -> dict[str, Any]:
+    """The command, seed, versions, hardware (`device`: the run's) and the project's git
+    commit (None outside git), dirty where files differ from it, new ones included."""
     return {
         "command": shlex.join(["python", *sys.argv]),
         "host": platform.node(),
@@ -25,7 +26,7 @@ def provenance(seed: int) -> dict[str, Any]:
         "seed": seed,
         "python": platform.python_version(),
         "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "cpu_threads": torch.get_num_threads(),
         "git": _git_state(),
     }
@@ -40,7 +41,7 @@ def _git_state() -> dict[str, Any] | None:
 
     try:
         commit = git("rev-parse", "HEAD").strip()
-        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+        changed = git("status", "--porcelain").strip()  # new files too, not ignored ones
     except (OSError, subprocess.SubprocessError):  # no git, or an installed copy
         return None
     return {"commit": commit, "dirty": bool(changed)}

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cifar_cnn.callbacks import StoppedBySignal
+from cifar_cnn.callbacks import GracefulStop, StoppedBySignal
 from cifar_cnn.checkpoints import read_checkpoint, recorded_precision, resume_checkpoint
 from cifar_cnn.config import RUN_FIGURES, validate
 from cifar_cnn.errors import UserError
@@ -44,6 +44,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    # GracefulStop after the others (Lightning runs the checkpoint callbacks after all): a
+    # stop's last.ckpt holds the batch's state after their work on it (Lookahead's pull).
+    callbacks.sort(key=lambda callback: isinstance(callback, GracefulStop))
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return datamodule, model, trainer
@@ -71,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: one process writes the run's files
         (output_dir / "metrics.json").unlink(missing_ok=True)  # no stale result of earlier runs
-        info = json.dumps(provenance(cfg.seed), indent=2) + "\n"
+        info = json.dumps(provenance(cfg.seed, trainer.strategy.root_device), indent=2) + "\n"
         (output_dir / "run_info.json").write_text(info)
 
     # Log lines print above progress bars instead of through them. Checkpoints are loaded

@@ -26,14 +26,32 @@ def run_benchmark(script: str, cache_dir: Path, *args: str) -> tuple[str, dict]:
     return result.stdout, json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "64-true"], "precision 64-true: the plain loop runs 32-true, bf16-"),
+        (["--steps", "9"], "--steps 9: an epoch has 8 batches"),  # 80 images, batches of 10
+    ],
+)
+def test_train_speed_refuses_what_the_plain_loop_would_not_match(
+    args: list[str], message: str, tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--device", "cpu",
+               *args, f"data.data_dir={tiny_data_dir}", "data.batch_size=10"]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and message in result.stderr
+
+
 def test_train_speed_smoke_run_writes_json(
     tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "speed.json"
     stdout, last_line = run_benchmark(
         "train_speed.py", cache_dir, "--steps", "3", "--epochs", "2", "--output", str(output),
-        f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
+        "--precision", "bf16", f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
     )  # fmt: skip
+    assert last_line["precision"] == "bf16-mixed"  # Lightning's short name, for both paths
     assert last_line == json.loads(output.read_text())
     assert {"reference_epoch_s", "project_epoch_s", "ratio", "device", "torch"} <= last_line.keys()
     assert last_line["ratio"] == last_line["project_epoch_s"] / last_line["reference_epoch_s"]

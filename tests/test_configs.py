@@ -168,6 +168,10 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
         ("experiment=fast model.scheduler.start_factor=-1", "model.scheduler.start_factor=-1 is"),
         ("data.shuffle_seed=-1", "data.shuffle_seed=-1 is not allowed"),
         ("data.split_seed=1.5", "data.split_seed=1.5 is not allowed"),
+        (
+            "experiment=seed_augmented +model.norm_bias_lr_scale=64",
+            "model.norm_bias_lr_scale=64 has no effect on the rate with OneCycleLR",
+        ),
         ("seed=-1", "seed=-1 is not allowed: it must be a whole number in [0, 2**32)"),
         ("data.batch_size=null", "data.batch_size=None is not allowed"),
         ("model.optimizer.lr=null", "model.optimizer.lr=None is not allowed"),

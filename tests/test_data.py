@@ -283,6 +283,14 @@ def test_a_cache_folder_that_cannot_be_written_is_named_before_decoding(
     assert list((tmp_path / "c2").iterdir()) == []  # no half-written file left
 
 
+def test_val_fraction_0_gives_every_training_image_to_training(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """Only code asks for it (benchmarks/airbench_reference.py); configs refuse 0."""
+    datamodule = ready(tiny_data_dir, tmp_path / "cache", val_fraction=0)
+    assert (len(datamodule.data_train), len(datamodule.data_val)) == (100, 0)
+
+
 @pytest.mark.parametrize(("fraction", "empty"), [(0.001, "validation"), (0.999, "training")])
 def test_a_val_fraction_that_leaves_a_split_empty_is_named(
     fraction: float, empty: str, tiny_data_dir: Path, tmp_path: Path

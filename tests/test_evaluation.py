@@ -227,6 +227,11 @@ def test_eval_py_predicts_image_files_and_explains_bad_checkpoints(
     result = eval_py(f"ckpt_path={run_dir}", f"predict={photos}", f"hydra.run.dir={tmp_path}/p")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "p" / "predictions.csv").read_text().count("\n") == 2
+    (tmp_path / "2024").mkdir()  # a name Hydra reads as a number
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "2024" / "blue.png")
+    result = eval_py(f"ckpt_path={run_dir}", "predict=2024", f"hydra.run.dir={tmp_path}/y")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2024/blue.png" in (tmp_path / "y" / "predictions.csv").read_text()
 
     missing = tmp_path / "nowhere.ckpt"
     result = eval_py(f"ckpt_path={missing}", f"hydra.run.dir={tmp_path}/m")

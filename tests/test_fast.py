@@ -13,13 +13,15 @@ from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig
 from torch import nn
 
-from cifar_cnn.callbacks import Lookahead, WhitenStem
+from cifar_cnn.callbacks import Lookahead, StoppedBySignal, WhitenStem
 from cifar_cnn.checkpoints import load_checkpoint
 from cifar_cnn.data import CIFAR10DataModule, DeviceBatches, epoch_order
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier, TriangularLR
 from cifar_cnn.nets import FastCNN, SeedCNN
 from cifar_cnn.training import build, train
+
+from .conftest import compose_in
 
 
 def ready(data_dir: Path, cache_dir: Path, **kwargs) -> CIFAR10DataModule:
@@ -208,7 +210,8 @@ def test_whiten_stem_names_a_net_it_cannot_whiten() -> None:
 
 def test_lookahead_pulls_weights_to_their_average_and_ends_on_it() -> None:
     net = nn.Linear(1, 1, bias=False)
-    module, trainer = SimpleNamespace(net=net), SimpleNamespace(estimated_stepping_batches=10)
+    module = SimpleNamespace(net=net)
+    trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=0)
     lookahead = Lookahead(every_n_steps=5, final_decay=0.5)
 
     def step_to(step: int, weight: float) -> float:
@@ -233,6 +236,24 @@ def test_lookahead_pulls_weights_to_their_average_and_ends_on_it() -> None:
     trainer.estimated_stepping_batches = 7
     lookahead.on_train_start(trainer, module)
     assert step_to(7, 5.0) == pytest.approx(0.9375 / 2 + 3.0 / 2)  # no move, it becomes it
+
+
+def test_lookahead_moves_once_per_optimizer_step() -> None:
+    """With accumulate_grad_batches, batches of a window share a global step: before the
+    first step (0), then three batches at step 5."""
+    net = nn.Linear(1, 1, bias=False)
+    module = SimpleNamespace(net=net)
+    trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=0)
+    lookahead = Lookahead(every_n_steps=5, final_decay=0.5)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    lookahead.on_train_start(trainer, module)
+    for step in (0, 0, 5, 5, 5):
+        trainer.global_step = step
+        with torch.no_grad():
+            net.weight.fill_(1.0)
+        lookahead.on_train_batch_end(trainer, module, None, None, 0)
+    assert lookahead._average[0].item() == pytest.approx(0.9375)  # one move from 0 (decay 1/16)
 
 
 def test_the_stem_bias_stops_learning_after_its_epochs() -> None:
@@ -280,7 +301,11 @@ def test_label_smoothing_applies_to_the_training_loss_only() -> None:
     logged = {}
     model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
     model.trainer = SimpleNamespace(
-        log_every_n_steps=0, num_training_batches=10, global_step=0, max_steps=-1
+        log_every_n_steps=0,
+        num_training_batches=10,
+        global_step=0,
+        max_steps=-1,
+        accumulate_grad_batches=1,
     )
     images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     logits = model.eval()(images)  # eval mode: the same logits for both steps
@@ -339,6 +364,31 @@ def test_the_fast_experiment_trains_tests_and_resumes_exactly_on_the_cpu(
     assert expected.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_a_fast_run_stopped_at_a_lookahead_step_resumes_exactly_into_linked_checkpoints(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    """Stopped at step 5 of the first epoch (6 steps), where Lookahead pulls the weights: the
+    stop saves after the pull. The stop's last.ckpt is a file; the resumed run's link
+    replaces it (no last-v1.ckpt, which a later resume would not read)."""
+    interrupt = ["+callbacks.interrupt._target_=tests.test_resume.InterruptAtStep",
+                 "+callbacks.interrupt.step=5"]  # fmt: skip
+    stopped = compose_config(*tiny_fast_run(tiny_data_dir), *interrupt)
+    with pytest.raises(StoppedBySignal, match="at step 5 \\(epoch 0\\)"):
+        train(stopped)
+    folder = Path(stopped.paths.output_dir)
+    resumed = [*tiny_fast_run(tiny_data_dir), f"ckpt_path={folder}"]
+    assert train(compose_in("train", resumed, folder, cache_dir))["status"] == "completed"
+    checkpoints = folder / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch_001.ckpt", "last.ckpt"]
+    assert (checkpoints / "last.ckpt").resolve() == checkpoints / "epoch_001.ckpt"
+    full = compose_config(*tiny_fast_run(tiny_data_dir))
+    train(full)
+    expected = torch.load(Path(full.paths.output_dir) / "checkpoints" / "last.ckpt",
+                          weights_only=True)["state_dict"]  # fmt: skip
+    got = torch.load(checkpoints / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(value, got[key]) for key, value in expected.items())
 
 
 def test_the_fast_experiment_writes_one_checkpoint_an_epoch(

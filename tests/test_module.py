@@ -188,3 +188,27 @@ def test_callbacks_read_each_epochs_own_val_loss(tiny_data_dir: Path, tmp_path: 
     fit_briefly(model, tiny_data_dir, tmp_path, max_epochs=2, callbacks=[reader])
     assert len(reader.at_end) == 2 and reader.at_end[0] != reader.at_end[1]
     assert reader.at_epoch_end == reader.at_end
+
+
+def test_epoch_figures_count_each_batch_once_when_a_window_ends_the_run(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """max_steps=3 with accumulate_grad_batches=2 ends after 6 of the epoch's 10 batches; the
+    window's two batches share step 2, and only its last one logs the epoch's figures."""
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                               outputs: Any, *args: Any) -> None:  # fmt: skip
+            losses.append(outputs["loss"].item())
+
+    model = ImageClassifier(net={**NET, "dropout": 0.0}, optimizer=ADAM)
+    trainer = L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, max_steps=3,
+        accumulate_grad_batches=2, limit_val_batches=0, callbacks=[Losses()],
+    )  # fmt: skip
+    trainer.fit(model, CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=8))
+    assert len(losses) == 6
+    mean = sum(losses) * 2 / 6  # Lightning's outputs: each loss / accumulate_grad_batches
+    assert trainer.callback_metrics["train/loss_epoch"] == pytest.approx(mean, rel=1e-6)

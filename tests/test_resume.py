@@ -43,13 +43,19 @@ def train_py(*args: str, cache_dir: Path, cwd: Path) -> subprocess.Popen:
 
 
 class InterruptAtStep(L.Callback):
-    """Sends this process SIGINT (Ctrl-C) once training reaches `step`."""
+    """Sends this process SIGINT (Ctrl-C) once training reaches `step`, at the batch `batch` of
+    the epoch if given (the batches of an accumulation window share a step)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, batch: int | None = None) -> None:
         self.step = step
+        self.batch = batch
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if trainer.global_step == self.step and self.batch in (None, batch_idx):
+            self.step = None  # once
             signal.raise_signal(signal.SIGINT)
 
 
@@ -115,8 +121,8 @@ SIGNALLED = [
 
 
 def stop_after(compose_config: Callable[..., DictConfig], step: int, *overrides: str) -> DictConfig:
-    """The SIGNALLED run, Ctrl-C'd at `step`: GracefulStop, before InterruptAtStep in the
-    callbacks, sees it at the next step."""
+    """The SIGNALLED run (5 steps an epoch), Ctrl-C'd at `step`: GracefulStop, which runs
+    after the other callbacks, sees it at the same batch."""
     return compose_config(
         *SIGNALLED, *overrides, f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
         f"+callbacks.interrupt.step={step}",
@@ -155,7 +161,7 @@ def test_a_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
     run = [data, f"data.data_dir={tiny_data_dir}", "data.flip=true"]
     record = f"+callbacks.record._target_={__name__}.RecordTraining"
     cut_record = f"+callbacks.record.to={tmp_path / 'cut'}"
-    stopped = stop_after(compose_config, 6, *run, record, cut_record)
+    stopped = stop_after(compose_config, 7, *run, record, cut_record)
     with pytest.raises(StoppedBySignal, match="at step 7 \\(epoch 1\\)"):
         train(stopped)
     folder = Path(stopped.paths.output_dir)
@@ -163,6 +169,56 @@ def test_a_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="You're resuming from a checkpoint that ended")
         cut = train(compose_in("train", [*resumed, f"ckpt_path={folder}"], folder, cache_dir))
+    full = compose_config(*SIGNALLED, *run, record, f"+callbacks.record.to={tmp_path / 'full'}")
+    uninterrupted = train(full)
+    assert (tmp_path / "cut").read_text() == (tmp_path / "full").read_text()
+    figures = ("val/acc_best", "test/acc", "test/loss")
+    assert [cut[key] for key in figures] == [uninterrupted[key] for key in figures]
+    expected, got = weights(Path(full.paths.output_dir)), weights(folder)
+    assert all(torch.equal(value, got[key]) for key, value in expected.items())
+
+
+class RecordValidations(L.Callback):
+    """Appends the step of each validation (not the sanity check) to the file `to`."""
+
+    def __init__(self, to: str) -> None:
+        self.to = Path(to)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            with self.to.open("a") as record:
+                record.write(f"{trainer.global_step}\n")
+
+
+@pytest.mark.parametrize(
+    "signal_at",
+    [
+        ["+trainer.accumulate_grad_batches=2", "+callbacks.interrupt.step=4",
+         "+callbacks.interrupt.batch=2"],
+        ["+trainer.val_check_interval=0.4", "+callbacks.interrupt.step=7"],
+    ],
+)  # fmt: skip
+def test_a_signal_in_an_accumulation_window_or_before_a_validation_resumes_exactly(
+    signal_at: list[str], compose_config: Callable[..., DictConfig], tiny_data_dir: Path,
+    cache_dir: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The stop waits for the window's step (checkpoints keep no gradients), or for the batch
+    after a mid-epoch validation (Lightning skips it on resume). 5 batches an epoch; the
+    signal comes in epoch 1, in the middle of a window (steps 3, 4, 4, 5, 6), or at a batch
+    that a validation follows (val_check_batch 2: after its 2nd and 4th batches)."""
+    setting, *interrupt = signal_at
+    run = [f"data.data_dir={tiny_data_dir}", setting]
+    record = f"+callbacks.record._target_={__name__}.RecordValidations"
+    cut_record = f"+callbacks.record.to={tmp_path / 'cut'}"
+    stopped = compose_config(
+        *SIGNALLED, *run, f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
+        *interrupt, record, cut_record,
+    )  # fmt: skip
+    with pytest.raises(StoppedBySignal):
+        train(stopped)
+    folder = Path(stopped.paths.output_dir)
+    resumed = [*SIGNALLED, *run, record, cut_record]
+    cut = train(compose_in("train", [*resumed, f"ckpt_path={folder}"], folder, cache_dir))
     full = compose_config(*SIGNALLED, *run, record, f"+callbacks.record.to={tmp_path / 'full'}")
     uninterrupted = train(full)
     assert (tmp_path / "cut").read_text() == (tmp_path / "full").read_text()
@@ -273,7 +329,7 @@ def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_resumes
     """Saved at the last batch, Lightning would count the epoch as done and skip its
     validation on resume; GracefulStop lets the epoch end first."""
     data = f"data.data_dir={tiny_data_dir}"
-    stopped = stop_after(compose_config, 4, data)
+    stopped = stop_after(compose_config, 5, data)
     with pytest.raises(StoppedBySignal, match="at the end of epoch 0 \\(step 5\\); saved "):
         train(stopped)
     run = Path(stopped.paths.output_dir)
@@ -309,7 +365,7 @@ def test_short_of_min_epochs_a_signal_stops_at_the_first_epoch_end_that_may_stop
 def test_a_signal_in_the_last_batch_ends_training_with_complete_checkpoints(
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path
 ) -> None:
-    stopped = stop_after(compose_config, 9, f"data.data_dir={tiny_data_dir}")
+    stopped = stop_after(compose_config, 10, f"data.data_dir={tiny_data_dir}")
     with pytest.raises(StoppedBySignal, match="at the end of training; its checkpoints are "):
         train(stopped)
     last = torch.load(Path(stopped.paths.output_dir) / "checkpoints" / "last.ckpt")

@@ -263,3 +263,18 @@ def test_bad_settings_on_the_command_line_are_named(
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert expected in output and "Traceback" not in output
+
+
+def test_an_epoch_without_validation_shows_no_validation_figures(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    cfg = compose_config(
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
+        "trainer.max_epochs=3", "+trainer.check_val_every_n_epoch=2", "logger.tensorboard=null",
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="cifar_cnn.callbacks"):
+        train(cfg)
+    lines = {line[:9]: line for line in caplog.messages if line.startswith("epoch 00")}
+    assert "val/acc" not in lines["epoch 000"] and "val/acc" in lines["epoch 001"]
+    assert "val/acc" not in lines["epoch 002"]  # not epoch 001's figures again
