@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from cifar_cnn.data import to_float_images
 from cifar_cnn.errors import UserError
+from cifar_cnn.module import steps_the_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class GracefulStop(Callback):
     ) -> None:  # fmt: skip
         if self._received is None or batch_idx + 1 == trainer.num_training_batches:
             return  # an epoch's last batch: on_train_epoch_end stops
-        if _mid_accumulation(trainer, batch_idx) or _validates_after(trainer, batch_idx):
+        if not steps_the_optimizer(trainer, batch_idx) or _validates_after(trainer, batch_idx):
             return  # a later batch stops
         path = _save_last(trainer)
         raise self._stopped(f"at step {trainer.global_step} (epoch {trainer.current_epoch})", path)
@@ -344,13 +345,6 @@ class Lookahead(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._average = list(state_dict["average"])
-
-
-def _mid_accumulation(trainer: L.Trainer, batch_idx: int) -> bool:
-    """Whether the batch leaves gradients for a later one (`accumulate_grad_batches`); an
-    epoch's last batch always steps."""
-    last = batch_idx + 1 == trainer.num_training_batches
-    return (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not last
 
 
 def _validates_after(trainer: L.Trainer, batch_idx: int) -> bool:

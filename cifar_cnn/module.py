@@ -18,6 +18,13 @@ from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 
+def steps_the_optimizer(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether Lightning steps the optimizer after the batch: at the end of each window of
+    `accumulate_grad_batches` batches, and at an epoch's last batch."""
+    last = batch_idx + 1 == trainer.num_training_batches
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or last
+
+
 class ImageClassifier(L.LightningModule):
     """Cross-entropy training of the net described by `net`, with the optimizer `optimizer`.
 
@@ -151,15 +158,14 @@ class ImageClassifier(L.LightningModule):
         self._epoch_batches += 1
         self._epoch_images += len(labels)
         # With accumulate_grad_batches, a window's batches share a step: its last one counts.
-        last_batch = batch_idx + 1 == self.trainer.num_training_batches
-        steps = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 or last_batch
+        steps = steps_the_optimizer(self.trainer, batch_idx)
         every = self.trainer.log_every_n_steps
         if steps and every and (self.trainer.global_step + 1) % every == 0:  # Lightning's rule
             figures = {"train/loss_step": loss, "train/acc_step": correct / len(labels)}
             # Not in the progress bar: Lightning reads its values from the device every batch.
             self.log_dict(figures, on_step=True, on_epoch=False)
         last_step = steps and self.trainer.global_step + 1 == self.trainer.max_steps  # -1: never
-        if last_batch or last_step:
+        if batch_idx + 1 == self.trainer.num_training_batches or last_step:
             figures = {
                 "train/loss_epoch": self._epoch_loss_sum / self._epoch_batches,
                 "train/acc_epoch": self._epoch_correct / self._epoch_images,

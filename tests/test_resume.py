@@ -120,6 +120,18 @@ SIGNALLED = [
 ]  # 5 steps an epoch  # fmt: skip
 
 
+def assert_resumed_as_uninterrupted(
+    cut: dict, uninterrupted: dict, cut_run: Path, full_run: Path, records: Path
+) -> None:
+    """The stopped and resumed run ends as the uninterrupted one: the same record (`records`
+    holds both runs' files, "cut" and "full"), figures and weights."""
+    assert (records / "cut").read_text() == (records / "full").read_text()
+    figures = ("val/acc_best", "test/acc", "test/loss")
+    assert [cut[key] for key in figures] == [uninterrupted[key] for key in figures]
+    expected, got = weights(full_run), weights(cut_run)
+    assert all(torch.equal(value, got[key]) for key, value in expected.items())
+
+
 def stop_after(compose_config: Callable[..., DictConfig], step: int, *overrides: str) -> DictConfig:
     """The SIGNALLED run (5 steps an epoch), Ctrl-C'd at `step`: GracefulStop, which runs
     after the other callbacks, sees it at the same batch."""
@@ -171,11 +183,8 @@ def test_a_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
         cut = train(compose_in("train", [*resumed, f"ckpt_path={folder}"], folder, cache_dir))
     full = compose_config(*SIGNALLED, *run, record, f"+callbacks.record.to={tmp_path / 'full'}")
     uninterrupted = train(full)
-    assert (tmp_path / "cut").read_text() == (tmp_path / "full").read_text()
-    figures = ("val/acc_best", "test/acc", "test/loss")
-    assert [cut[key] for key in figures] == [uninterrupted[key] for key in figures]
-    expected, got = weights(Path(full.paths.output_dir)), weights(folder)
-    assert all(torch.equal(value, got[key]) for key, value in expected.items())
+    assert_resumed_as_uninterrupted(cut, uninterrupted, folder, Path(full.paths.output_dir),
+                                    tmp_path)  # fmt: skip
 
 
 class RecordValidations(L.Callback):
@@ -221,11 +230,8 @@ def test_a_signal_in_an_accumulation_window_or_before_a_validation_resumes_exact
     cut = train(compose_in("train", [*resumed, f"ckpt_path={folder}"], folder, cache_dir))
     full = compose_config(*SIGNALLED, *run, record, f"+callbacks.record.to={tmp_path / 'full'}")
     uninterrupted = train(full)
-    assert (tmp_path / "cut").read_text() == (tmp_path / "full").read_text()
-    figures = ("val/acc_best", "test/acc", "test/loss")
-    assert [cut[key] for key in figures] == [uninterrupted[key] for key in figures]
-    expected, got = weights(Path(full.paths.output_dir)), weights(folder)
-    assert all(torch.equal(value, got[key]) for key, value in expected.items())
+    assert_resumed_as_uninterrupted(cut, uninterrupted, folder, Path(full.paths.output_dir),
+                                    tmp_path)  # fmt: skip
 
 
 class ZeroWeightsFrom(L.Callback):
