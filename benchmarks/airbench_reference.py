@@ -7,7 +7,7 @@ two accuracies is then the recipes' code, not the data. airbench trains on all 5
 training images for 9.9 epochs and tests with flip and translate test-time augmentation.
 
 python benchmarks/airbench_reference.py --runs 3               # on the GPU, as airbench runs
-python benchmarks/airbench_reference.py --device cpu --runs 1  # float32: 40 min on 2 cores
+python benchmarks/airbench_reference.py --device cpu --runs 1  # float32, slow (tens of minutes)
 
 Needs `pip install -e ".[bench]"`. airbench is written for CUDA (fp16 net, CUDA events):
 on the CPU the net is its `make_net94` without `.half().cuda()`, the loaders hold float32
@@ -30,6 +30,9 @@ from hydra.utils import instantiate
 from torch import nn
 from train_speed import device_name, print_json, synchronize  # the sibling, on sys.path
 
+from cifar_cnn.resolvers import register_resolvers
+from cifar_cnn.runtime import silence_known_warnings
+
 try:
     import airbench.lib_airbench94 as airbench94
     import airbench.utils as airbench_utils
@@ -41,6 +44,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def main() -> None:
     args = parse_args()
+    register_resolvers()  # conf/ uses them; train.py registers them the same way
+    silence_known_warnings()  # as train.py: library notices known to be harmless
     device = torch.device(args.device)
     if device.type == "cpu":
         run_on_cpu()

@@ -12,14 +12,14 @@ machine drifts):
    `steps_per_execution`): the batch holds that many rows, one step each, so Lightning's
    per-batch work is shared by that many steps and only the optimizer's and backward's
    wrappers are paid every step.
-2. The project's seed config (or any overrides): `train_speed.py`'s plain loop, and its
+2. The project's tutorial config (or any overrides): `train_speed.py`'s plain loop, and its
    project path three ways: data on the device (`data.on_device=true`), through the
    DataLoader, and data on the device with the module's per-step bookkeeping left out
    (`BareTrainingStep`: the loss alone; no training metrics or logging), which is what that
    bookkeeping costs. `--precision` applies to these paths.
 
 python benchmarks/step_overhead.py --device cuda --epochs 3
-python benchmarks/step_overhead.py --device cpu --precision 32-true   # the seed in float32 on a CPU
+python benchmarks/step_overhead.py --device cpu --precision 32-true   # float32 on a CPU
 python benchmarks/step_overhead.py --device cpu --epochs 2 --steps 50 --rounds 1   # smoke run
 
 The last line printed is one JSON object (microseconds per step; also written to --output).
@@ -46,9 +46,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_speed  # noqa: E402  (the sibling benchmark: its config and project path)
 
-from cifar_cnn.gpu_probe import skip_nvml_probe  # noqa: E402
-from cifar_cnn.memory import keep_freed_memory  # noqa: E402
 from cifar_cnn.module import ImageClassifier  # noqa: E402
+from cifar_cnn.resolvers import register_resolvers  # noqa: E402
+from cifar_cnn.runtime import (  # noqa: E402
+    keep_freed_memory,
+    silence_known_warnings,
+    skip_nvml_probe,
+)
 
 ROWS = 3000  # steps of the one-layer loop
 GROUPED = 8  # steps per batch in `one_layer_grouped`
@@ -152,7 +156,7 @@ def one_layer_lightning(
     return seconds
 
 
-def seed_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> float:
+def config_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> float:
     """Seconds a step (the first epoch left out) of train_speed's plain loop (`plain`) or of
     one variant of the project's path."""
     cfg = copy.deepcopy(cfg)
@@ -167,8 +171,8 @@ def seed_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> floa
     if variant == "plain":
         train = datamodule.data_train
         device = torch.device(args.device)
-        figures = train_speed.reference_loop(cfg, args, device, train.images, train.labels, steps)
-        return figures["epoch_s"] / steps
+        timings = train_speed.reference_loop(cfg, args, device, train.images, train.labels, steps)
+        return timings["epoch_s"] / steps
     return train_speed.project_fit(cfg, args, datamodule, steps)["epoch_s"] / steps
 
 
@@ -179,13 +183,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="train steps per epoch (0: all)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each")
     parser.add_argument(
-        "--precision", help="Lightning's: 32-true, bf16-mixed (default: the config's)"
+        "--precision", help="Lightning's: 32-true, bf16-mixed or 16-mixed (default: the config's)"
     )
     parser.add_argument("--output", help="also write the JSON summary to this file")
     parser.add_argument("overrides", nargs="*", help="train.py config overrides")
     args = parser.parse_args()
     # What else train_speed's config and paths read: the config's own settings, no profiler.
     args.channels_last, args.compile, args.profile = None, None, False
+    register_resolvers()  # conf/ uses them; train.py registers them the same way
+    silence_known_warnings()  # as train.py: library notices known to be harmless
     keep_freed_memory()  # as train.py and train_speed.py: glibc keeps freed blocks
     skip_nvml_probe()  # and no NVML search at each Adam step without a GPU
     warnings.filterwarnings("ignore", module="lightning")
@@ -200,7 +206,7 @@ def main() -> None:
     inputs = torch.randn(ROWS, 4, device=device)
     rows = _Rows(inputs, torch.randint(0, 2, (ROWS,), device=device))
     one_layer_plain(rows, device)  # warm-up: the device's first kernels
-    figures: dict[str, list[float]] = {}
+    timings: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, run in (
             ("one_layer_plain", one_layer_plain),
@@ -213,9 +219,9 @@ def main() -> None:
                 ),
             ),
         ):
-            figures.setdefault(name, []).append(run(rows, device) / ROWS)
+            timings.setdefault(name, []).append(run(rows, device) / ROWS)
         for variant in ("plain", "on_device", "dataloader", "bare_step"):
-            figures.setdefault(variant, []).append(seed_step_s(cfg, args, variant))
+            timings.setdefault(variant, []).append(config_step_s(cfg, args, variant))
 
     summary: dict[str, Any] = {
         "device": train_speed.device_name(device),
@@ -224,10 +230,10 @@ def main() -> None:
         "precision": args.precision,
         "overrides": args.overrides,
         "us_per_step": {
-            name: [round(s * 1e6, 1) for s in times] for name, times in figures.items()
+            name: [round(s * 1e6, 1) for s in times] for name, times in timings.items()
         },
     }
-    mean = {name: sum(times) / len(times) * 1e6 for name, times in figures.items()}
+    mean = {name: sum(times) / len(times) * 1e6 for name, times in timings.items()}
     print(f"\n{'path':22s} us/step (mean of {args.rounds})")
     for name, value in mean.items():
         print(f"{name:22s} {value:9.1f}")

@@ -4,10 +4,10 @@ Both train the same net from the same Hydra config on the same cached data, in o
 the plain loop, the project, the plain loop again (the machine may drift; the reference is
 the mean of both). The ratio project/reference is the framework's cost per epoch.
 
-python benchmarks/train_speed.py                          # seed config, 2 epochs each, CPU/GPU
+python benchmarks/train_speed.py                          # tutorial config, 2 epochs each
 python benchmarks/train_speed.py --steps 20 --epochs 2    # a smoke run
 python benchmarks/train_speed.py --channels-last --precision bf16-mixed --compile
-python benchmarks/train_speed.py --keras                  # adds the Keras seed (`.[bench]`)
+python benchmarks/train_speed.py --keras                  # adds the Keras tutorial (`.[bench]`)
 python benchmarks/train_speed.py experiment=fast          # any train.py override after flags
 
 The last line printed is one JSON object (also written to --output when given).
@@ -33,19 +33,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
-from cifar_cnn.data import CIFAR10DataModule, augment, to_float_images
-from cifar_cnn.gpu_probe import skip_nvml_probe
-from cifar_cnn.memory import keep_freed_memory
+from cifar_cnn.data import CIFAR10DataModule
+from cifar_cnn.data.augmentation import augment
+from cifar_cnn.data.images import to_float_images
+from cifar_cnn.resolvers import register_resolvers
+from cifar_cnn.runtime import keep_freed_memory, silence_known_warnings, skip_nvml_probe
 from cifar_cnn.training import build
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 # The precisions the plain loop runs (autocast's dtype; None: float32), Lightning's names.
 AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-PRECISION_ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}  # Lightning's
 
 
 def main() -> None:
     args = parse_args()
+    register_resolvers()  # conf/ uses them; train.py registers them the same way
+    silence_known_warnings()  # as train.py: library notices known to be harmless
     if args.keep_freed_memory:
         keep_freed_memory()  # as train.py does: for every path alike
     nvml_probe_skipped = args.skip_nvml_probe and skip_nvml_probe()  # likewise
@@ -68,9 +71,9 @@ def main() -> None:
     results["project"] = project_fit(cfg, args, datamodule, steps)
     after = reference_loop(cfg, args, device, train_images, train_labels, steps)
     results["reference"] = {
-        **epoch_figures(before["epoch_times_s"] + after["epoch_times_s"], steps * batch_size,
+        **epoch_timings(before["epoch_times_s"] + after["epoch_times_s"], steps * batch_size,
                         warm_up=[0, args.epochs], runs=2),
-        # The first run's: on a CPU the figure is the process's high-water mark so far, and
+        # The first run's: on a CPU the value is the process's high-water mark so far, and
         # the second run comes after the project's.
         "peak_memory_mb": before["peak_memory_mb"],
         "eval_images_per_s": reference_eval(
@@ -111,7 +114,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="the first one is warm-up when >1")
     parser.add_argument("--steps", type=int, default=0, help="train steps per epoch (0: all)")
     parser.add_argument(
-        "--precision", help="Lightning's: 32-true, bf16-mixed (default: the config's)"
+        "--precision", help="Lightning's: 32-true, bf16-mixed or 16-mixed (default: the config's)"
     )
     parser.add_argument(
         "--channels-last",
@@ -128,16 +131,16 @@ def parse_args() -> argparse.Namespace:
         "--keep-freed-memory",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="glibc keeps freed blocks (cifar_cnn/memory.py), as train.py sets it",
+        help="glibc keeps freed blocks (cifar_cnn/runtime.py), as train.py sets it",
     )
     parser.add_argument(
         "--skip-nvml-probe",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="without a GPU, no NVML search at each Adam step (cifar_cnn/gpu_probe.py), "
+        help="without a GPU, no NVML search at each Adam step (cifar_cnn/runtime.py), "
         "as train.py sets it",
     )
-    parser.add_argument("--keras", action="store_true", help="add the Keras seed (tensorflow)")
+    parser.add_argument("--keras", action="store_true", help="add the Keras tutorial (tensorflow)")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -172,7 +175,6 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     precision = str(cfg.trainer.precision)
-    precision = PRECISION_ALIASES.get(precision, precision)
     if accelerator == "cpu" and precision == "16-mixed":  # as Lightning does on a CPU
         precision = "bf16-mixed"
     if precision not in AUTOCAST_DTYPES:
@@ -222,7 +224,8 @@ def reference_loop(
     if args.compile:
         net.compile()  # in place, as ImageClassifier does
     images, labels = images.to(device), labels.to(device)
-    # Read once: a DictConfig read costs about 12 µs, which the loop must not pay every step.
+    # Read once: a DictConfig read costs microseconds, which the loop must not pay every step
+    # (the project's data module reads plain attributes).
     batch_size, flip, crop_padding = cfg.data.batch_size, cfg.data.flip, cfg.data.crop_padding
     reset_peak_memory(device)
     epoch_times = []
@@ -248,7 +251,7 @@ def reference_loop(
         profiler.stop()
     return {
         "net": net,
-        **epoch_figures(epoch_times, steps * batch_size),
+        **epoch_timings(epoch_times, steps * batch_size),
         **({"profile": profile_summary(profiler, steps, "reference")} if profiler else {}),
         "epoch_times_s": epoch_times,
         "peak_memory_mb": peak_memory_mb(device),
@@ -329,14 +332,14 @@ def project_fit(
     trainer.callbacks.append(timer)
     reset_peak_memory(device)
     trainer.fit(model, datamodule)
-    figures = epoch_figures(timer.epoch_times, steps * cfg.data.batch_size)
+    timings = epoch_timings(timer.epoch_times, steps * cfg.data.batch_size)
     if timer.profiler is not None:
-        figures["profile"] = profile_summary(timer.profiler, steps, "project")
+        timings["profile"] = profile_summary(timer.profiler, steps, "project")
     started = time.perf_counter()
     trainer.test(model, datamodule, verbose=False)
     synchronize(device)
     return {
-        **figures,
+        **timings,
         "validation_s_per_epoch": timer.validation_s / args.epochs,
         "eval_images_per_s": len(datamodule.data_test) / (time.perf_counter() - started),
         "peak_memory_mb": peak_memory_mb(device),
@@ -383,7 +386,7 @@ def keras_fit(
 
     epoch_times: list[float] = []
     model.fit(x, y, batch_size=batch_size, epochs=args.epochs, verbose=0, callbacks=[Timer()])
-    return {**epoch_figures(epoch_times, count), "tensorflow": tf.__version__}
+    return {**epoch_timings(epoch_times, count), "tensorflow": tf.__version__}
 
 
 def step_profiler(device: torch.device) -> torch.profiler.profile:
@@ -420,7 +423,7 @@ def profile_summary(profiler: torch.profiler.profile, steps: int, path: str) -> 
     }
 
 
-def epoch_figures(
+def epoch_timings(
     epoch_times: list[float],
     images_per_epoch: int,
     warm_up: list[int] | None = None,
@@ -483,13 +486,13 @@ def print_table(summary: dict[str, Any]) -> None:
           f"compile {summary['compile']}")  # fmt: skip
     print(f"{'path':<10} {'epoch s':>9} {'all epochs s':>13} {'train img/s':>12} "
           f"{'eval img/s':>11} {'peak MB':>9}")  # fmt: skip
-    for name, figures in summary["details"].items():
-        if figures:
+    for name, timings in summary["details"].items():
+        if timings:
             print(
-                f"{name:<10} {figures['epoch_s']:>9.2f} {figures['train_s']:>13.1f} "
-                f"{figures['images_per_s']:>12.0f} "
-                f"{figures.get('eval_images_per_s', float('nan')):>11.0f} "
-                f"{figures.get('peak_memory_mb', float('nan')):>9.0f}"
+                f"{name:<10} {timings['epoch_s']:>9.2f} {timings['train_s']:>13.1f} "
+                f"{timings['images_per_s']:>12.0f} "
+                f"{timings.get('eval_images_per_s', float('nan')):>11.0f} "
+                f"{timings.get('peak_memory_mb', float('nan')):>9.0f}"
             )
     print(f"ratio project/reference: {summary['ratio']:.3f}")
 

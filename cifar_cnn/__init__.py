@@ -1,6 +1,6 @@
-"""cifar_cnn: a Lightning + Hydra baseline for CIFAR-10 image classification."""
+"""cifar_cnn: a Lightning + Hydra baseline for CIFAR-10 image classification.
 
-from cifar_cnn import config  # noqa: F401  (registers the OmegaConf resolvers that conf/ uses)
-from cifar_cnn.console import silence_known_noise
-
-silence_known_noise()
+Importing the package changes nothing: the entry points (train.py, eval.py) register the
+OmegaConf resolvers (`cifar_cnn.resolvers`) and silence known library warnings
+(`cifar_cnn.runtime`); a training run sets its process settings as it starts (`training.train`).
+"""

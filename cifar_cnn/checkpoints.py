@@ -14,7 +14,7 @@ import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cifar_cnn.config import resumed_run
+from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.errors import UserError
 from cifar_cnn.files import read_record, written_then_renamed
 from cifar_cnn.module import ImageClassifier
@@ -59,17 +59,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"no checkpoint in {folder}: a run folder keeps them in checkpoints/*.ckpt")
 
 
-def resume_checkpoint(path: str | Path) -> Path:
-    """The last.ckpt of the run that `path` (the run folder, or that file) names."""
-    run = resumed_run(path)
-    if run is None:
-        raise UserError(
-            f"cannot resume from {path}: ckpt_path takes a run folder (outputs/runs/<run>) or "
-            "its checkpoints/last.ckpt; to start a new run from other weights, load them in code"
-        )
-    return run / "checkpoints" / "last.ckpt"
-
-
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The content of an ImageClassifier checkpoint, read weights-only."""
     if not path.is_file():
@@ -97,7 +86,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
         raise UserError(f"{path} is not a readable checkpoint ({_reason(error)})") from error
     hyperparameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hyperparameters, dict) or not {"net", "optimizer"} <= hyperparameters.keys():
+    if (
+        not isinstance(hyperparameters, dict)
+        or not {"net", "optimizer"} <= hyperparameters.keys()
+        or "precision" not in checkpoint  # ImageClassifier.on_save_checkpoint records it
+    ):
         raise UserError(f"{path} is not a checkpoint of cifar_cnn's ImageClassifier")
     return checkpoint
 
@@ -108,7 +101,7 @@ class LoadedCheckpoint(NamedTuple):
     model: ImageClassifier  # on the CPU, in eval mode
     data_settings: dict[str, Any]  # the data module's arguments in the run
     precision: str  # the run's, as Lightning names it: "32-true", "bf16-mixed", ...
-    validation_digest: str | None  # of the run's validation images (CIFAR10DataModule)
+    validation_digest: str | None  # of the run's validation images
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
@@ -133,15 +126,15 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(
         model.eval(),
         checkpoint.get("datamodule_hyper_parameters", {}),
-        recorded_precision(checkpoint),
-        checkpoint.get("CIFAR10DataModule", {}).get("validation_digest"),  # earlier: none
+        checkpoint["precision"],
+        validation_digest(checkpoint),
     )
 
 
-def recorded_precision(checkpoint: dict[str, Any]) -> str:
-    """The precision the run computed in, as its checkpoint records it (Lightning's names);
-    older checkpoints lack the record, and those runs trained in 32-true."""
-    return checkpoint.get("precision", "32-true")
+def validation_digest(checkpoint: dict[str, Any]) -> str | None:
+    """The digest of the run's validation images; None in a checkpoint saved without its
+    data module (`Trainer.save_checkpoint` outside a fit)."""
+    return checkpoint.get(CIFAR10DataModule.__qualname__, {}).get("validation_digest")
 
 
 def _reason(error: Exception) -> str:

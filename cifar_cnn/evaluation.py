@@ -1,4 +1,4 @@
-"""Evaluating a checkpoint on a CIFAR-10 split: per-class figures, confusion matrix, errors."""
+"""Evaluating a checkpoint on a CIFAR-10 split: per-class metrics, confusion matrix, errors."""
 
 import json
 import logging
@@ -24,10 +24,10 @@ from torchmetrics.classification import (
 )
 
 from cifar_cnn.checkpoints import load_checkpoint, resolve_checkpoint
-from cifar_cnn.config import validate
 from cifar_cnn.data import CLASSES
 from cifar_cnn.errors import UserError
 from cifar_cnn.prediction import predict_files, predict_logits
+from cifar_cnn.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +56,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, **overrides)
     datamodule.prepare_data()
     datamodule.setup()
-    trained_on = data_settings.get("data_dir")
     if cfg.split == "val" and validation_digest not in (None, datamodule.validation_digest):
         log.warning(
             "split=val: the data in %s gives other validation images than the run's (it was "
-            "trained on %s, with those files as they were then): these are not the figures "
+            "trained on %s, with those files as they were then): these are not the metrics "
             "the run was selected by",
-            datamodule.data_dir, trained_on,
-        )  # fmt: skip
-    elif (  # checkpoints from before the digest: a guess from the folder's name
-        cfg.split == "val"
-        and validation_digest is None
-        and trained_on
-        and Path(trained_on).resolve() != datamodule.data_dir.resolve()
-    ):
-        log.warning(
-            "split=val: the validation images are drawn from %s, the run's from %s; they are "
-            "the same only if both folders hold the same files",
-            datamodule.data_dir, trained_on,
+            datamodule.data_dir, data_settings.get("data_dir"),
         )  # fmt: skip
     dataset = datamodule.data_test if cfg.split == "test" else datamodule.data_val
     logits = predict_logits(model, dataset.images, cfg.data.eval_batch_size, device)
@@ -97,7 +85,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def classification_report(logits: Tensor, labels: Tensor) -> dict[str, Any]:
-    """Overall, macro and per-class figures (torchmetrics), and the confusion matrix."""
+    """Overall, macro and per-class metrics (torchmetrics), and the confusion matrix."""
     num_classes = len(CLASSES)
     per_class = {
         "precision": MulticlassPrecision(num_classes, average=None),
@@ -122,7 +110,7 @@ def classification_report(logits: Tensor, labels: Tensor) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The per-class figures as a plain-text table."""
+    """The per-class metrics as a plain-text table."""
     lines = [f"{'class':<11}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}"]
     rows = [*report["per_class"].items(), ("macro", report["macro"])]
     for name, row in rows:
@@ -175,10 +163,9 @@ def plot_errors(images: Tensor, labels: Tensor, logits: Tensor, count: int) -> F
 
 
 def _in_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """`model` on `device`, computing in `precision` (Lightning's names) as a Trainer does:
-    its precision plugin converts the net and the inputs and wraps each forward pass (under
-    bf16-mixed, autocast around float32 inputs, as in the run's own test). Not Fabric's
-    wrapper: its bf16-mixed also rounds the inputs to bf16, which changes the figures of a
+    """`model` on `device`, computing in `precision` (Lightning's names) as a Trainer does in
+    the run's own test: under bf16-mixed, autocast around float32 inputs. Not Fabric's
+    wrapper: its bf16-mixed also rounds the inputs to bf16, which changes the metrics of a
     net that normalises its inputs first (FastCNN). As in training, a precision the device
     lacks becomes the one Lightning takes instead (16-mixed on a CPU: bf16-mixed, with
     Lightning's warning)."""

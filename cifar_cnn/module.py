@@ -6,23 +6,17 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
-from torchmetrics import MaxMetric, MeanMetric, Metric
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-
-def steps_the_optimizer(trainer: L.Trainer, batch_idx: int) -> bool:
-    """Whether Lightning steps the optimizer after the batch: at the end of each window of
-    `accumulate_grad_batches` batches, and at an epoch's last batch."""
-    last = batch_idx + 1 == trainer.num_training_batches
-    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or last
+from cifar_cnn.steps import run_length_settings, steps_the_optimizer
 
 
 class ImageClassifier(L.LightningModule):
@@ -34,7 +28,7 @@ class ImageClassifier(L.LightningModule):
     Since a checkpoint names the classes that loading it builds, only an `nn.Module` net and a
     torch `Optimizer` are accepted, and nested `_target_`s are not built.
 
-    The other arguments are off by default (the seed's training): `label_smoothing` of the
+    The other arguments are off by default (the tutorial's training): `label_smoothing` of the
     training loss (validation and test report the plain cross-entropy); `flip_tta`, logits
     averaged over each image and its mirror whenever the module is in eval mode (validation,
     test, eval.py); `channels_last`, the net's and inputs' memory layout (faster convs on CPUs
@@ -100,27 +94,27 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         # Lightning skips on_train_epoch_start when it resumes a run mid-epoch: that epoch's
-        # figures go on from the checkpoint's.
-        self._reset_epoch_figures(**vars(self).pop("_resumed_epoch_figures", {}))
+        # metrics go on from the checkpoint's.
+        self._reset_epoch_metrics(**vars(self).pop("_resumed_epoch_metrics", {}))
 
     def on_train_epoch_start(self) -> None:
-        self._reset_epoch_figures()
+        self._reset_epoch_metrics()
 
-    def _reset_epoch_figures(
+    def _reset_epoch_metrics(
         self, loss_sum: float = 0.0, correct: int = 0, batches: int = 0, images: int = 0
     ) -> None:
-        """The epoch's training figures, summed on the device step by step (training_step)."""
+        """The epoch's training metrics, summed on the device step by step (training_step)."""
         self._epoch_loss_sum = torch.tensor(loss_sum, device=self.device)
         self._epoch_correct = torch.tensor(correct, dtype=torch.long, device=self.device)
         self._epoch_batches, self._epoch_images = batches, images
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The epoch's figures so far, for a run resumed mid-epoch (DDP: the first process's);
-        the trainer settings a schedule's length came from, checked on resume; and the
-        precision the run computed in, which eval.py evaluates in."""
+        """The precision the run computed in, which eval.py and resumes take again; the
+        epoch's metrics so far, for a run resumed mid-epoch (DDP: the first process's); and
+        the trainer settings that a schedule's length came from, which a resume must keep."""
         checkpoint["precision"] = self.trainer.precision
         if hasattr(self, "_epoch_loss_sum"):  # once training has started
-            checkpoint["epoch_figures"] = {
+            checkpoint["epoch_metrics"] = {
                 "loss_sum": float(self._epoch_loss_sum),
                 "correct": int(self._epoch_correct),
                 "batches": self._epoch_batches,
@@ -130,25 +124,18 @@ class ImageClassifier(L.LightningModule):
             checkpoint["schedule_laid_out_by"] = self._schedule_laid_out_by
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resumed_epoch_figures = checkpoint.get("epoch_figures", {})
-        # As saved: bf16-true converts the module after restoring it, and would round it.
-        self._restored_best = checkpoint["state_dict"].get("val_acc_best.max_value")
-
-    def on_fit_start(self) -> None:
-        self._best_in_float32()
+        self._resumed_epoch_metrics = checkpoint.get("epoch_metrics", {})
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """The loss of one batch. Its figures reach the loggers at the steps where Lightning
+        """The loss of one batch. Its metrics reach the loggers at the steps where Lightning
         writes (every `trainer.log_every_n_steps`) as `train/loss_step` and `train/acc_step`,
         and per epoch as `train/loss_epoch` (the mean of the batches' losses) and
         `train/acc_epoch`.
 
-        The epoch figures are two sums kept on the device, a handful of small kernels a step,
-        logged once, at the epoch's last batch, where the callbacks that report epochs read
-        them. torchmetrics' `MeanMetric` and `MulticlassAccuracy` updates took about 0.5 ms a
-        step on an H100's host, a fifth of the plain loop's whole seed step there
-        (benchmarks/step_overhead.py); `self.log` costs 0.8 ms a call (Lightning moves its
-        records to the device each time)."""
+        The epoch's metrics are two sums kept on the device and logged once, at the epoch's
+        last batch: torchmetrics updates and `self.log` calls at every step cost more host time
+        than a small net's whole step (the GPU syncs in benchmarks/README.md's log).
+        """
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
@@ -161,25 +148,18 @@ class ImageClassifier(L.LightningModule):
         steps = steps_the_optimizer(self.trainer, batch_idx)
         every = self.trainer.log_every_n_steps
         if steps and every and (self.trainer.global_step + 1) % every == 0:  # Lightning's rule
-            figures = {"train/loss_step": loss, "train/acc_step": correct / len(labels)}
+            metrics = {"train/loss_step": loss, "train/acc_step": correct / len(labels)}
             # Not in the progress bar: Lightning reads its values from the device every batch.
-            self.log_dict(figures, on_step=True, on_epoch=False)
+            self.log_dict(metrics, on_step=True, on_epoch=False)
         last_step = steps and self.trainer.global_step + 1 == self.trainer.max_steps  # -1: never
         if batch_idx + 1 == self.trainer.num_training_batches or last_step:
-            figures = {
+            metrics = {
                 "train/loss_epoch": self._epoch_loss_sum / self._epoch_batches,
                 "train/acc_epoch": self._epoch_correct / self._epoch_images,
             }
             # DDP: averaged over processes, whose shards are the same size.
-            self.log_dict(figures, on_step=False, on_epoch=True, sync_dist=True)
+            self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
         return loss
-
-    def on_validation_start(self) -> None:
-        self._best_in_float32()
-        _in_float32(self.val_loss)
-
-    def on_test_start(self) -> None:
-        _in_float32(self.test_loss)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
@@ -214,27 +194,17 @@ class ImageClassifier(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def _best_in_float32(self) -> None:
-        """`val_acc_best` in float32, and as saved in the checkpoint the run resumed from:
-        bf16-true converts the module after Lightning restored it (0.1 became 0.10009765625)."""
-        _in_float32(self.val_acc_best)
-        restored = vars(self).pop("_restored_best", None)
-        if restored is not None:
-            self.val_acc_best.max_value = restored.float().to(self.device)
-
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         """Loss and accuracy of one batch, logged per epoch as `<split>/loss`, `<split>/acc`."""
         images, labels = batch
         logits = self(images)  # with test-time augmentation when it is on
-        # In float32 whatever the precision (autocast does so too): under bf16-true the
-        # figure would otherwise carry bf16's rounding, which eval.py's does not.
         mean_loss = getattr(self, f"{split}_loss")
         mean_loss.update(F.cross_entropy(logits.float(), labels, reduction="none"))
         accuracy = getattr(self, f"{split}_acc")
         accuracy.update(logits, labels)
         # torchmetrics, which sum over DDP processes themselves. Not `self.log(loss,
-        # sync_dist=True)`: Lightning averages the processes' image counts as integers, so
-        # shards of 14, 13 and 13 images made its mean loss 40/39 too large.
+        # sync_dist=True)`: Lightning averages the processes' image counts as integers, which
+        # skews the mean loss over shards of unequal size.
         self.log(f"{split}/loss", mean_loss, on_epoch=True, prog_bar=split == "val")
         self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=split == "val")
 
@@ -258,10 +228,8 @@ class ImageClassifier(L.LightningModule):
 class MeanLoss(MeanMetric):
     """The mean of the images' losses, added up in float32 as they come.
 
-    MeanMetric's own `update` casts them to the metric's dtype, which becomes bf16 when
-    Lightning moves a logged metric inside a bf16-true step (torchmetrics takes the default
-    dtype then), and with `nan_strategy="disable"` it drops `weight=`. No NaN check either: it
-    would make a GPU wait at every batch; a NaN loss shows as a NaN figure.
+    Unlike MeanMetric's own `update`, no NaN check: it would make a GPU wait at every batch;
+    a NaN loss shows as a NaN metric.
     """
 
     def update(self, losses: Tensor) -> None:  # (N,) one loss an image
@@ -269,49 +237,12 @@ class MeanLoss(MeanMetric):
         self.weight += losses.numel()
 
 
-def _in_float32(*metrics: Metric) -> None:
-    """The metrics' states back in float32. bf16-true and 16-true convert the whole module with
-    `.to(dtype)`, which torchmetrics passes on to metric states (it guards `.half()`, not
-    `.to`): the loss sums then added up in bf16, and the best accuracy was rounded to bf16."""
-    for metric in metrics:
-        metric.set_dtype(torch.float32)
-
-
-def run_length_settings(trainer: L.Trainer) -> dict[str, Any]:
-    """The trainer's settings that, with the data's, set how many steps a run takes."""
-    names = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches")
-    return {name: getattr(trainer, name) for name in names} | {"processes": trainer.world_size}
-
-
-class TriangularLR(LambdaLR):
-    """airbench's schedule: each group's rate rises linearly from `start_factor` times its own
-    to its own over the first `peak_fraction` of `total_steps`, then falls linearly to
-    `end_factor` times its own.
-
-    It scales each group's own rate, so `norm_bias_lr_scale`'s ratio between groups stays
-    (OneCycleLR would set one rate for all groups).
-    """
-
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        total_steps: int,
-        peak_fraction: float = 0.2,
-        start_factor: float = 0.2,
-        end_factor: float = 0.0,
-        last_epoch: int = -1,
-    ) -> None:
-        steps = [0, peak_fraction * total_steps, total_steps]
-
-        def factor(step: int) -> float:
-            return float(np.interp(step, steps, [start_factor, 1.0, end_factor]))
-
-        super().__init__(optimizer, factor, last_epoch)
-
-
 def _require_subclass(config: Mapping[str, Any], base: type) -> None:
     """Refuses a `_target_` that is not a subclass of `base` (a function, say)."""
     module_name, _, name = str(config["_target_"]).rpartition(".")
-    target = getattr(importlib.import_module(module_name), name, None)
+    try:
+        target = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"_target_ {config['_target_']} names nothing to import") from error
     if not (isinstance(target, type) and issubclass(target, base)):
         raise ValueError(f"_target_ {config['_target_']} is not a {base.__name__} class")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from cifar_cnn.data import CLASSES, deeper_than_8_bits, to_float_images, upright_rgb
+from cifar_cnn.data.images import CLASSES, deeper_than_8_bits, to_float_images, upright_rgb
 from cifar_cnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ def load_image_file(path: Path) -> Tensor:
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
-def predict_files(model: nn.Module, source: Path, csv_path: Path, device: torch.device) -> list:
+def predict_files(
+    model: nn.Module, source: Path, csv_path: Path, device: torch.device
+) -> list[list[str]]:
     """Classifies `source` (a file, or every file below a folder); writes `csv_path`.
 
     Files that are not images are reported by name and skipped.

@@ -12,14 +12,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from cifar_cnn.console import silence_known_noise
-from cifar_cnn.data import CLASSES, DATA_DIR_ENV
+from cifar_cnn.data import CLASSES, CIFAR10DataModule
+from cifar_cnn.data.sources import DATA_DIR_ENV
+from cifar_cnn.resolvers import register_resolvers
+from cifar_cnn.runtime import silence_known_warnings
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    silence_known_noise()  # again: pytest drops the filters set while it imports test modules
+    register_resolvers()  # as the entry points do
+    silence_known_warnings()
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +35,14 @@ def data_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return Path(value)
+
+
+def ready(data_dir: Path, cache_dir: Path, **kwargs: object) -> CIFAR10DataModule:
+    """A data module with its data prepared and set up."""
+    datamodule = CIFAR10DataModule(data_dir, cache_dir, **kwargs)
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
 
 
 def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
@@ -55,7 +66,7 @@ def tiny_data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One decode cache for the session: CIFAR_CNN_CACHE_DIR when set, else a fresh folder."""
+    """The decode cache: CIFAR_CNN_CACHE_DIR when set, else a fresh folder (one a worker)."""
     value = os.environ.get("CIFAR_CNN_CACHE_DIR")
     return Path(value) if value else tmp_path_factory.mktemp("cache")
 

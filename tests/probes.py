@@ -1,6 +1,7 @@
 """Callbacks that tests add to real runs from the command line (`+callbacks.<name>._target_=`)."""
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +26,67 @@ class ShardProbe(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(trainer.default_root_dir) / f"shard_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.steps))
+
+
+class InterruptAtStep(L.Callback):
+    """Sends this process SIGINT (Ctrl-C) once training reaches `step`, at the batch `batch` of
+    the epoch if given (the batches of an accumulation window share a step)."""
+
+    def __init__(self, step: int, batch: int | None = None) -> None:
+        self.step = step
+        self.batch = batch
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if trainer.global_step == self.step and self.batch in (None, batch_idx):
+            self.step = None  # once
+            signal.raise_signal(signal.SIGINT)
+
+
+class RecordTraining(L.Callback):
+    """Appends each step's number and batch labels, and each epoch's training metrics, to the
+    file `to`."""
+
+    def __init__(self, to: str) -> None:
+        self.to = Path(to)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._write(f"{trainer.global_step} {batch[1].tolist()}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        self._write(f"{metrics['train/loss_epoch'].item()} {metrics['train/acc_epoch'].item()}")
+
+    def _write(self, line: str) -> None:
+        with self.to.open("a") as record:
+            record.write(line + "\n")
+
+
+class RecordValidations(L.Callback):
+    """Appends the step of each validation (not the sanity check) to the file `to`."""
+
+    def __init__(self, to: str) -> None:
+        self.to = Path(to)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            with self.to.open("a") as record:
+                record.write(f"{trainer.global_step}\n")
+
+
+class ZeroWeightsFrom(L.Callback):
+    """Zeroes the net's weights as epoch `epoch` starts: its dead ReLUs learn nothing after,
+    and it predicts one class, so that an earlier epoch stays the best."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                for parameter in pl_module.net.parameters():
+                    parameter.zero_()

@@ -14,6 +14,8 @@ from cifar_cnn.data import CIFAR10DataModule
 
 from .conftest import make_image_folder
 
+pytestmark = pytest.mark.slow  # every test runs a benchmark script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +32,7 @@ def run_benchmark(script: str, cache_dir: Path, *args: str) -> tuple[str, dict]:
     ("args", "message"),
     [
         (["--precision", "64-true"], "precision 64-true: the plain loop runs 32-true, bf16-"),
+        (["--precision", "bf16"], "precision bf16: the plain loop runs 32-true, bf16-"),
         (["--steps", "9"], "--steps 9: an epoch has 8 batches"),  # 80 images, batches of 10
     ],
 )
@@ -49,22 +52,22 @@ def test_train_speed_smoke_run_writes_json(
     output = tmp_path / "speed.json"
     stdout, last_line = run_benchmark(
         "train_speed.py", cache_dir, "--steps", "3", "--epochs", "2", "--output", str(output),
-        "--precision", "bf16", f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
+        "--precision", "bf16-mixed", f"data.data_dir={tiny_data_dir}", "data.batch_size=10",
     )  # fmt: skip
-    assert last_line["precision"] == "bf16-mixed"  # Lightning's short name, for both paths
+    assert last_line["precision"] == "bf16-mixed"  # for both paths
     assert last_line == json.loads(output.read_text())
     assert {"reference_epoch_s", "project_epoch_s", "ratio", "device", "torch"} <= last_line.keys()
     assert last_line["ratio"] == last_line["project_epoch_s"] / last_line["reference_epoch_s"]
     assert last_line["steps_per_epoch"] == 3 and last_line["batch_size"] == 10
     for path, runs in (("reference", 2), ("project", 1)):  # the reference runs twice
-        figures = last_line["details"][path]
-        assert len(figures["epoch_times_s"]) == 2 * runs and figures["images_per_s"] > 0
-        assert figures["eval_images_per_s"] > 0
+        timings = last_line["details"][path]
+        assert len(timings["epoch_times_s"]) == 2 * runs and timings["images_per_s"] > 0
+        assert timings["eval_images_per_s"] > 0
         # A whole run's training time, warm-up epoch included (the mean over runs).
-        whole_run = sum(figures["epoch_times_s"]) / runs
-        assert figures["train_s"] == pytest.approx(whole_run, abs=0.01)
-        timed = figures["epoch_times_s"][1::2]  # each run's second epoch: the first warms up
-        assert figures["epoch_s"] == pytest.approx(sum(timed) / len(timed), abs=1e-3)
+        whole_run = sum(timings["epoch_times_s"]) / runs
+        assert timings["train_s"] == pytest.approx(whole_run, abs=0.01)
+        timed = timings["epoch_times_s"][1::2]  # each run's second epoch: the first warms up
+        assert timings["epoch_s"] == pytest.approx(sum(timed) / len(timed), abs=1e-3)
     assert "ratio project/reference" in stdout
 
 
@@ -139,7 +142,7 @@ def test_airbench_reference_writes_the_cache_as_airbench_reads_it(
     airbench_reference.write_airbench_data(folder, [f"data.data_dir={data_dir}"])
 
     datamodule = CIFAR10DataModule(data_dir, cache_dir)
-    cache = torch.load(datamodule.cache_path, weights_only=True)
+    cache = torch.load(datamodule.source.cache_path, weights_only=True)
     train, test = (torch.load(folder / f"{split}.pt") for split in ("train", "test"))
     assert train["images"].shape == (30, 32, 32, 3) and train["images"].dtype == torch.uint8
     # The test set as it is; the training set shuffled, each image with its own label.

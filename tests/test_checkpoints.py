@@ -9,7 +9,7 @@ from cifar_cnn.checkpoints import AtomicCheckpointIO, load_checkpoint, resolve_c
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
 
-NET = {"_target_": "cifar_cnn.nets.SeedCNN", "hidden_units": 16}
+NET = {"_target_": "cifar_cnn.nets.TutorialCNN", "hidden_units": 16}
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 
 
@@ -34,16 +34,17 @@ def test_load_checkpoint_gives_the_saved_model(checkpoint: Path) -> None:
     assert loaded.precision == saved["precision"] == "32-true"  # the trainer's
 
 
-def test_the_precision_of_checkpoints_from_before_its_record_is_32_true(
+def test_the_recorded_precision_is_the_runs_and_a_checkpoint_without_it_is_refused(
     checkpoint: Path, tmp_path: Path
 ) -> None:
-    for recorded in ("bf16-mixed", None):
-        content = torch.load(checkpoint, weights_only=True)
-        content.pop("precision")
-        if recorded:
-            content["precision"] = recorded
-        torch.save(content, tmp_path / "edited.ckpt")
-        assert load_checkpoint(tmp_path / "edited.ckpt").precision == (recorded or "32-true")
+    content = torch.load(checkpoint, weights_only=True)
+    content["precision"] = "bf16-mixed"
+    torch.save(content, tmp_path / "bf16.ckpt")
+    assert load_checkpoint(tmp_path / "bf16.ckpt").precision == "bf16-mixed"
+    content.pop("precision")
+    torch.save(content, tmp_path / "unrecorded.ckpt")
+    with pytest.raises(UserError, match="unrecorded.ckpt is not a checkpoint of cifar_cnn's"):
+        load_checkpoint(tmp_path / "unrecorded.ckpt")
 
 
 def test_run_folder_resolves_to_its_best_checkpoint(tmp_path: Path, checkpoint: Path) -> None:
@@ -140,6 +141,17 @@ def test_checkpoints_naming_functions_to_build_are_refused(
     with pytest.raises(UserError, match="_target_ os.system is not a Module class"):
         load_checkpoint(hostile)
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+@pytest.mark.parametrize("target", ["cifar_cnn.nets.RemovedNet", "no_such_package.Net"])
+def test_a_checkpoint_naming_a_class_that_does_not_exist_is_named(
+    target: str, tmp_path: Path, checkpoint: Path
+) -> None:
+    content = torch.load(checkpoint, weights_only=True)
+    content["hyper_parameters"]["net"] = {"_target_": target}
+    torch.save(content, tmp_path / "gone.ckpt")
+    with pytest.raises(UserError, match=f"gone.ckpt does not load .*_target_ {target} names noth"):
+        load_checkpoint(tmp_path / "gone.ckpt")
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(

@@ -40,11 +40,11 @@ def run_train(run_dir: Path, cache_dir: Path, data_dir: Path, *overrides: str) -
 def test_two_processes_train_like_one_with_the_same_global_batch(
     tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
-    """Same global batches (20 images: 10 per process), no dropout: the figures agree within
+    """Same global batches (20 images: 10 per process), no dropout: the metrics agree within
     float32 rounding (losses to 1e-3, accuracies to one image: 1/20 of val, 1/40 of test)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     fresh_cache = tmp_path / "cache"  # built by one process, read by both
-    float32 = "trainer.precision=32-true"  # bf16 rounds the two differently: 1.3e-3 in loss
+    float32 = "trainer.precision=32-true"  # bf16 would round the two runs differently
     output = run_train(
         ddp, fresh_cache, tiny_data_dir, "trainer=ddp_cpu", "data.batch_size=10", float32
     )
@@ -115,7 +115,7 @@ def test_a_run_ends_its_process_group(
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path
 ) -> None:
     """Each DDP process ends its gloo group before the interpreter exits: left to the exit, it
-    aborted a completed run ("terminate called without an active exception", rc -6) in CI.
+    can abort a completed run ("terminate called without an active exception", rc -6).
     (Here a one-process group stands for the one Lightning's DDP sets up.)"""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -1,15 +1,20 @@
+"""ImageClassifier: optimizer and schedule from configs, metrics, test-time augmentation."""
+
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.plugins.precision import HalfPrecision
+import torch.nn.functional as F
 
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.module import ImageClassifier
 
-NET = {"_target_": "cifar_cnn.nets.SeedCNN", "hidden_units": 32}
+NET = {"_target_": "cifar_cnn.nets.TutorialCNN", "hidden_units": 32}
+
+
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-4}
 
 
@@ -98,11 +103,11 @@ def test_schedulers_without_a_length_work_too(tiny_data_dir: Path, tmp_path: Pat
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(3e-6)
 
 
-def test_epoch_figures_are_the_mean_batch_loss_and_the_share_of_correct_images(
+def test_epoch_metrics_are_the_mean_batch_loss_and_the_share_of_correct_images(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     """Each batch's loss and correct predictions, recorded as it trains (no dropout: the
-    net computes the same before its step as inside it), make the epoch's figures: the
+    net computes the same before its step as inside it), make the epoch's metrics: the
     second epoch's, of its own batches only."""
 
     class Batches(L.Callback):
@@ -132,11 +137,11 @@ def test_epoch_figures_are_the_mean_batch_loss_and_the_share_of_correct_images(
     second = [(correct, images, loss) for epoch, correct, images, loss in batches.seen if epoch]
     assert len(batches.seen) == 10 and len(second) == 5
     correct, images = sum(row[0] for row in second), sum(row[1] for row in second)
-    figures = trainer.callback_metrics
+    metrics = trainer.callback_metrics
     mean_loss = sum(row[2] for row in second) / 5
-    assert figures["train/loss_epoch"] == pytest.approx(mean_loss, rel=1e-6)
-    assert figures["train/acc_epoch"] == pytest.approx(correct / images)
-    assert images == 80 and 0 < correct < images  # a figure that a wrong count would change
+    assert metrics["train/loss_epoch"] == pytest.approx(mean_loss, rel=1e-6)
+    assert metrics["train/acc_epoch"] == pytest.approx(correct / images)
+    assert images == 80 and 0 < correct < images  # a value that a wrong count would change
 
 
 def test_the_sanity_check_before_training_is_no_result(tiny_data_dir: Path, tmp_path: Path) -> None:
@@ -148,21 +153,6 @@ def test_the_sanity_check_before_training_is_no_result(tiny_data_dir: Path, tmp_
     model = ImageClassifier(net=NET, optimizer=ADAM)
     fit_briefly(model, tiny_data_dir, tmp_path, max_steps=1, callbacks=[best_so_far])
     assert best_so_far.updates == 0  # Lightning's two batches of sanity check ran before
-
-
-def test_evaluation_figures_stay_in_float32_under_bf16_true() -> None:
-    """bf16-true converts the whole module, metric states too: the best accuracy would be
-    rounded to bf16 (0.6856 to 0.6875) and the loss summed in bf16."""
-    model = HalfPrecision("bf16-true").convert_module(ImageClassifier(net=NET, optimizer=ADAM))
-    model.on_validation_start()
-    model.on_test_start()
-    model.val_acc_best(torch.tensor(0.6856))
-    losses = torch.full((1000,), 2.0555)
-    model.val_loss.update(losses)
-    model.test_loss.update(losses)
-    assert model.val_acc_best.compute() == torch.tensor(0.6856)
-    assert model.val_loss.compute() == pytest.approx(2.0555, abs=1e-4)
-    assert model.test_loss.compute() == pytest.approx(2.0555, abs=1e-4)
 
 
 class ValLossReader(L.Callback):
@@ -190,11 +180,11 @@ def test_callbacks_read_each_epochs_own_val_loss(tiny_data_dir: Path, tmp_path: 
     assert reader.at_epoch_end == reader.at_end
 
 
-def test_epoch_figures_count_each_batch_once_when_a_window_ends_the_run(
+def test_epoch_metrics_count_each_batch_once_when_a_window_ends_the_run(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     """max_steps=3 with accumulate_grad_batches=2 ends after 6 of the epoch's 10 batches; the
-    window's two batches share step 2, and only its last one logs the epoch's figures."""
+    window's two batches share step 2, and only its last one logs the epoch's metrics."""
     losses = []
 
     class Losses(L.Callback):
@@ -212,3 +202,64 @@ def test_epoch_figures_count_each_batch_once_when_a_window_ends_the_run(
     assert len(losses) == 6
     mean = sum(losses) * 2 / 6  # Lightning's outputs: each loss / accumulate_grad_batches
     assert trainer.callback_metrics["train/loss_epoch"] == pytest.approx(mean, rel=1e-6)
+
+
+FAST_NET = {"_target_": "cifar_cnn.fast_recipe.FastCNN", "widths": [8, 16, 16]}
+
+
+SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "weight_decay": 1e-3}
+
+
+def test_flip_tta_averages_an_image_with_its_mirror_in_eval_mode() -> None:
+    model = ImageClassifier(FAST_NET, SGD, flip_tta=True, channels_last=True).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(model(images), model(images.flip(3)), atol=1e-6)
+        plain = model.net(images)
+        assert torch.allclose(model(images), (plain + model.net(images.flip(3))) / 2, atol=1e-6)
+    model.train()
+    assert not torch.allclose(model(images), model(images.flip(3)))
+
+
+def test_translate_tta_adds_the_image_shifted_a_pixel_either_way() -> None:
+    model = ImageClassifier(FAST_NET, SGD, flip_tta=True, translate_tta=True).eval()
+    images = torch.rand(2, 3, 32, 32)
+
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        return (model.net(x) + model.net(x.flip(3))) / 2
+
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    with torch.inference_mode():
+        shifted = mirrored(padded[:, :, :32, :32]) + mirrored(padded[:, :, 2:, 2:])
+        assert torch.allclose(model(images), mirrored(images) / 2 + shifted / 4, atol=1e-6)
+    model.train()
+    assert torch.equal(model(images), model.net(images))  # training sees the image alone
+
+
+def test_norm_biases_get_a_scaled_rate_and_the_same_decay_per_step() -> None:
+    model = ImageClassifier(FAST_NET, SGD, norm_bias_lr_scale=64)
+    others, biases = model.configure_optimizers().param_groups
+    assert (others["lr"], others["weight_decay"]) == (0.1, 1e-3)
+    assert biases["lr"] == pytest.approx(6.4) and biases["weight_decay"] == pytest.approx(1e-3 / 64)
+    assert len(biases["params"]) == 6  # two BatchNorms in each of three stages
+    assert len(others["params"]) + len(biases["params"]) == len(list(model.parameters()))
+
+
+def test_label_smoothing_applies_to_the_training_loss_only() -> None:
+    model = ImageClassifier(FAST_NET, SGD, label_smoothing=0.2)
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    model.trainer = SimpleNamespace(
+        log_every_n_steps=0,
+        num_training_batches=10,
+        global_step=0,
+        max_steps=-1,
+        accumulate_grad_batches=1,
+    )
+    images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    logits = model.eval()(images)  # eval mode: the same logits for both steps
+    model.validation_step((images, labels), 0)
+    assert torch.allclose(model.val_loss.compute(), F.cross_entropy(logits, labels))
+    smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2)
+    model.on_train_epoch_start()  # as Lightning calls it before an epoch's steps
+    assert torch.allclose(model.training_step((images, labels), 0), smoothed)

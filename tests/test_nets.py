@@ -1,15 +1,15 @@
 import torch
 import torch.nn.functional as F
 
-from cifar_cnn.nets import SeedCNN
+from cifar_cnn.nets import TutorialCNN
 
 
-def test_seed_cnn_has_the_keras_parameter_count() -> None:
-    assert sum(p.numel() for p in SeedCNN().parameters()) == 315_722
+def test_tutorial_cnn_has_the_keras_parameter_count() -> None:
+    assert sum(p.numel() for p in TutorialCNN().parameters()) == 315_722
 
 
-def test_seed_cnn_maps_images_to_logits() -> None:
-    net = SeedCNN()
+def test_tutorial_cnn_maps_images_to_logits() -> None:
+    net = TutorialCNN()
     logits = net(torch.rand(8, 3, 32, 32))
     assert logits.shape == (8, 10)
     assert logits.dtype == torch.float32
@@ -17,17 +17,17 @@ def test_seed_cnn_maps_images_to_logits() -> None:
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_seed_cnn_layers_follow_the_config() -> None:
-    net = SeedCNN(num_classes=5, conv_channels=(16, 32, 64), hidden_units=64, dropout=0.5)
+def test_tutorial_cnn_layers_follow_the_config() -> None:
+    net = TutorialCNN(num_classes=5, conv_channels=(16, 32, 64), hidden_units=64, dropout=0.5)
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 5)
     # 32 -> conv 30 -> pool 15 -> conv 13 -> pool 6 -> conv 4 -> pool 2: 64 * 2 * 2 features.
     assert net.head[1].in_features == 256
     assert net.head[3].p == 0.5
 
 
-def test_seed_cnn_pooling_before_relu_is_the_tutorial_order_to_the_bit() -> None:
+def test_tutorial_cnn_pooling_before_relu_is_the_tutorial_order_to_the_bit() -> None:
     torch.manual_seed(0)
-    net = SeedCNN(dropout=0.0)
+    net = TutorialCNN(dropout=0.0)
     conv1, conv2 = net.features[0], net.features[3]
     hidden, output = net.head[1], net.head[4]
 

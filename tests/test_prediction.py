@@ -9,7 +9,7 @@ from PIL import Image
 
 from cifar_cnn.data import CLASSES
 from cifar_cnn.errors import UserError
-from cifar_cnn.nets import SeedCNN
+from cifar_cnn.nets import TutorialCNN
 from cifar_cnn.prediction import load_image_file, predict_files
 
 
@@ -75,7 +75,7 @@ def test_folder_predictions_skip_what_is_not_an_image(
     csv_path = tmp_path / "predictions.csv"
 
     with caplog.at_level(logging.INFO):
-        rows = predict_files(SeedCNN(), folder, csv_path, torch.device("cpu"))
+        rows = predict_files(TutorialCNN(), folder, csv_path, torch.device("cpu"))
     skips = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(skips) == 1 and f"skipped {folder / 'notes.txt'}" in skips[0]
 
@@ -93,6 +93,6 @@ def test_folder_predictions_skip_what_is_not_an_image(
 def test_empty_or_missing_sources_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="is an empty folder"):
-        predict_files(SeedCNN(), tmp_path / "empty", tmp_path / "p.csv", torch.device("cpu"))
+        predict_files(TutorialCNN(), tmp_path / "empty", tmp_path / "p.csv", torch.device("cpu"))
     with pytest.raises(UserError, match="does not exist"):
-        predict_files(SeedCNN(), tmp_path / "gone", tmp_path / "p.csv", torch.device("cpu"))
+        predict_files(TutorialCNN(), tmp_path / "gone", tmp_path / "p.csv", torch.device("cpu"))

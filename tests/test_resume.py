@@ -1,4 +1,4 @@
-"""Resuming killed runs: same folder, same settings, and exactly the same result."""
+"""Stopping and resuming: same folder, same settings, and exactly the same result."""
 
 import json
 import os
@@ -10,24 +10,29 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cifar_cnn.callbacks import StoppedBySignal
 from cifar_cnn.checkpoints import read_checkpoint
 from cifar_cnn.data import CIFAR10DataModule
-from cifar_cnn.errors import UserError
+from cifar_cnn.errors import StoppedBySignal, TrainingStopped, UserError
 from cifar_cnn.module import ImageClassifier
-from cifar_cnn.training import _check_same_settings, train
+from cifar_cnn.resume import GracefulStop, Resume, continue_command
+from cifar_cnn.training import train
 
-from .conftest import compose_in
+from .conftest import CONFIG_DIR, compose_in
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
 SHORT = [
     "trainer.accelerator=cpu", "trainer.max_epochs=3", "+trainer.limit_train_batches=30",
     "+trainer.limit_val_batches=2", "trainer.log_every_n_steps=5", "model.optimizer.lr=3e-4",
@@ -42,29 +47,12 @@ def train_py(*args: str, cache_dir: Path, cwd: Path) -> subprocess.Popen:
     )
 
 
-class InterruptAtStep(L.Callback):
-    """Sends this process SIGINT (Ctrl-C) once training reaches `step`, at the batch `batch` of
-    the epoch if given (the batches of an accumulation window share a step)."""
-
-    def __init__(self, step: int, batch: int | None = None) -> None:
-        self.step = step
-        self.batch = batch
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
-    ) -> None:  # fmt: skip
-        if trainer.global_step == self.step and self.batch in (None, batch_idx):
-            self.step = None  # once
-            signal.raise_signal(signal.SIGINT)
-
-
 def finish(process: subprocess.Popen) -> tuple[int, str]:
     output, _ = process.communicate(timeout=300)
     return process.returncode, output
 
 
-def figures_of(run: Path) -> dict:
+def metrics_of(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -72,6 +60,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow  # train.py processes, or the full data set
 def test_a_killed_run_resumes_in_its_folder_to_exactly_the_same_result(
     data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -108,8 +97,8 @@ def test_a_killed_run_resumes_in_its_folder_to_exactly_the_same_result(
     expected, resumed = weights(full_run), weights(run)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
-    figures = ("val/acc_best", "test/acc", "test/loss", "epochs")
-    assert [figures_of(run)[k] for k in figures] == [figures_of(full_run)[k] for k in figures]
+    keys = ("val/acc_best", "test/acc", "test/loss", "epochs")
+    assert [metrics_of(run)[k] for k in keys] == [metrics_of(full_run)[k] for k in keys]
     assert (run / ".hydra" / "overrides.yaml").read_text().count("ckpt_path") == 0
     assert len(list((run / ".hydra").glob("resumed_*/overrides.yaml"))) == 1
 
@@ -124,10 +113,10 @@ def assert_resumed_as_uninterrupted(
     cut: dict, uninterrupted: dict, cut_run: Path, full_run: Path, records: Path
 ) -> None:
     """The stopped and resumed run ends as the uninterrupted one: the same record (`records`
-    holds both runs' files, "cut" and "full"), figures and weights."""
+    holds both runs' files, "cut" and "full"), metrics and weights."""
     assert (records / "cut").read_text() == (records / "full").read_text()
-    figures = ("val/acc_best", "test/acc", "test/loss")
-    assert [cut[key] for key in figures] == [uninterrupted[key] for key in figures]
+    keys = ("val/acc_best", "test/acc", "test/loss")
+    assert [cut[key] for key in keys] == [uninterrupted[key] for key in keys]
     expected, got = weights(full_run), weights(cut_run)
     assert all(torch.equal(value, got[key]) for key, value in expected.items())
 
@@ -136,42 +125,21 @@ def stop_after(compose_config: Callable[..., DictConfig], step: int, *overrides:
     """The SIGNALLED run (5 steps an epoch), Ctrl-C'd at `step`: GracefulStop, which runs
     after the other callbacks, sees it at the same batch."""
     return compose_config(
-        *SIGNALLED, *overrides, f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
+        *SIGNALLED, *overrides, "+callbacks.interrupt._target_=tests.probes.InterruptAtStep",
         f"+callbacks.interrupt.step={step}",
     )  # fmt: skip
 
 
-class RecordTraining(L.Callback):
-    """Appends each step's number and batch labels, and each epoch's training figures, to the
-    file `to`."""
-
-    def __init__(self, to: str) -> None:
-        self.to = Path(to)
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._write(f"{trainer.global_step} {batch[1].tolist()}")
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = trainer.callback_metrics
-        self._write(f"{metrics['train/loss_epoch'].item()} {metrics['train/acc_epoch'].item()}")
-
-    def _write(self, line: str) -> None:
-        with self.to.open("a") as record:
-            record.write(line + "\n")
-
-
 @pytest.mark.parametrize(
-    "data", ["data=cifar10", "data=cifar10_gpu", "experiment=seed_augmented"]
+    "data", ["data=cifar10", "data=cifar10_on_device", "experiment=tutorial_augmented"]
 )  # with a schedule, the data module's loader is set up before the checkpoint is loaded
 def test_a_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
     data: str, compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    """The epoch goes on with its next batch, the same random flips and the same figures."""
+    """The epoch goes on with its next batch, the same random flips and the same metrics."""
     run = [data, f"data.data_dir={tiny_data_dir}", "data.flip=true"]
-    record = f"+callbacks.record._target_={__name__}.RecordTraining"
+    record = "+callbacks.record._target_=tests.probes.RecordTraining"
     cut_record = f"+callbacks.record.to={tmp_path / 'cut'}"
     stopped = stop_after(compose_config, 7, *run, record, cut_record)
     with pytest.raises(StoppedBySignal, match="at step 7 \\(epoch 1\\)"):
@@ -185,18 +153,6 @@ def test_a_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
     uninterrupted = train(full)
     assert_resumed_as_uninterrupted(cut, uninterrupted, folder, Path(full.paths.output_dir),
                                     tmp_path)  # fmt: skip
-
-
-class RecordValidations(L.Callback):
-    """Appends the step of each validation (not the sanity check) to the file `to`."""
-
-    def __init__(self, to: str) -> None:
-        self.to = Path(to)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            with self.to.open("a") as record:
-                record.write(f"{trainer.global_step}\n")
 
 
 @pytest.mark.parametrize(
@@ -217,10 +173,10 @@ def test_a_signal_in_an_accumulation_window_or_before_a_validation_resumes_exact
     that a validation follows (val_check_batch 2: after its 2nd and 4th batches)."""
     setting, *interrupt = signal_at
     run = [f"data.data_dir={tiny_data_dir}", setting]
-    record = f"+callbacks.record._target_={__name__}.RecordValidations"
+    record = "+callbacks.record._target_=tests.probes.RecordValidations"
     cut_record = f"+callbacks.record.to={tmp_path / 'cut'}"
     stopped = compose_config(
-        *SIGNALLED, *run, f"+callbacks.interrupt._target_={__name__}.InterruptAtStep",
+        *SIGNALLED, *run, "+callbacks.interrupt._target_=tests.probes.InterruptAtStep",
         *interrupt, record, cut_record,
     )  # fmt: skip
     with pytest.raises(StoppedBySignal):
@@ -234,27 +190,14 @@ def test_a_signal_in_an_accumulation_window_or_before_a_validation_resumes_exact
                                     tmp_path)  # fmt: skip
 
 
-class ZeroWeightsFrom(L.Callback):
-    """Zeroes the net's weights as epoch `epoch` starts: its dead ReLUs learn nothing after,
-    and it predicts one class, so that an earlier epoch stays the best."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            with torch.no_grad():
-                for parameter in pl_module.net.parameters():
-                    parameter.zero_()
-
-
+@pytest.mark.slow  # train.py processes, or the full data set
 def test_the_best_epoch_is_tested_and_stays_the_best_across_a_resume(
     compose_config: Callable[..., DictConfig], data_dir: Path, cache_dir: Path
 ) -> None:
     run = [
         f"data.data_dir={data_dir}", "trainer.accelerator=cpu", "trainer.max_epochs=2",
         "+trainer.limit_train_batches=30", "+trainer.limit_val_batches=4",
-        "logger.tensorboard=null", f"+callbacks.zero._target_={__name__}.ZeroWeightsFrom",
+        "logger.tensorboard=null", "+callbacks.zero._target_=tests.probes.ZeroWeightsFrom",
         "+callbacks.zero.epoch=1",
     ]  # fmt: skip
     cfg = compose_config(*run)
@@ -267,12 +210,12 @@ def test_the_best_epoch_is_tested_and_stays_the_best_across_a_resume(
         model = ImageClassifier.load_from_checkpoint(checkpoint, weights_only=True)
         tester = L.Trainer(
             accelerator="cpu",
-            precision=cfg.trainer.precision,  # the run's: its test figures to the last digit
+            precision=cfg.trainer.precision,  # the run's: its test metrics to the last digit
             logger=False,
             enable_progress_bar=False,
         )
-        [figures] = tester.test(model, CIFAR10DataModule(data_dir, cache_dir), verbose=False)
-        return figures["test/acc"]
+        [metrics] = tester.test(model, CIFAR10DataModule(data_dir, cache_dir), verbose=False)
+        return metrics["test/acc"]
 
     best = test_accuracy(checkpoints / "epoch_000.ckpt")
     assert first["test/acc"] == pytest.approx(best, abs=1e-6)
@@ -281,20 +224,14 @@ def test_the_best_epoch_is_tested_and_stays_the_best_across_a_resume(
     longer = [*run, "trainer.max_epochs=3", f"ckpt_path={folder}"]
     resumed = train(compose_in("train", longer, folder, cache_dir))
     assert resumed["epochs"] == 3
-    for figure in ("val/acc_best", "best_checkpoint", "test/acc"):
-        assert resumed[figure] == first[figure]
+    for key in ("val/acc_best", "best_checkpoint", "test/acc"):
+        assert resumed[key] == first[key]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_a_resumed_run_without_validation_keeps_its_best(
-    precision: str, compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
 ) -> None:
-    """bf16-true converts the module after Lightning restored the best: not rounded by it.
-    (seed=2: the first epoch's best is 0.05, which bf16 rounds to 0.050048828125.)"""
-    run = [
-        *SIGNALLED, f"data.data_dir={tiny_data_dir}", "trainer.max_epochs=1",
-        f"trainer.precision={precision}", "seed=2",
-    ]  # fmt: skip
+    run = [*SIGNALLED, f"data.data_dir={tiny_data_dir}", "trainer.max_epochs=1", "seed=2"]
     cfg = compose_config(*run)
     first = train(cfg)
     folder = Path(cfg.paths.output_dir)
@@ -345,8 +282,8 @@ def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_resumes
     resumed = train(compose_in("train", [*SIGNALLED, data, f"ckpt_path={run}"], run, cache_dir))
     full = compose_config(*SIGNALLED, data)
     uninterrupted = train(full)
-    figures = ("status", "epochs", "val/acc_best", "test/acc", "test/loss")
-    assert [resumed[key] for key in figures] == [uninterrupted[key] for key in figures]
+    keys = ("status", "epochs", "val/acc_best", "test/acc", "test/loss")
+    assert [resumed[key] for key in keys] == [uninterrupted[key] for key in keys]
     expected, got = weights(Path(full.paths.output_dir)), weights(run)
     assert expected.keys() == got.keys()
     assert all(torch.equal(value, got[key]) for key, value in expected.items())
@@ -422,6 +359,7 @@ def test_resuming_on_data_that_splits_otherwise_is_refused(
     assert train(compose_in("train", elsewhere, run, cache_dir))["status"] == "completed"
 
 
+@pytest.mark.slow  # train.py processes, or the full data set
 def test_resuming_with_other_settings_is_refused(
     data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -463,7 +401,7 @@ def test_resuming_with_other_settings_is_refused(
 def test_a_scheduled_run_resumes_only_with_the_length_its_schedule_was_laid_out_over(
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
 ) -> None:
-    run = ["experiment=seed_augmented", f"data.data_dir={tiny_data_dir}"]  # OneCycleLR
+    run = ["experiment=tutorial_augmented", f"data.data_dir={tiny_data_dir}"]  # OneCycleLR
     stopped = stop_after(compose_config, 6, *run)
     with pytest.raises(StoppedBySignal):
         train(stopped)
@@ -481,25 +419,24 @@ def test_a_scheduled_run_resumes_only_with_the_length_its_schedule_was_laid_out_
         train(compose_in("train", same, folder, cache_dir))  # not "raise it to train on"
 
 
-def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
+def test_a_resume_compares_what_the_run_learns_from_not_where_or_how_fast(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     datamodule = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16)
-    model = ImageClassifier(net={"_target_": "cifar_cnn.nets.SeedCNN"}, optimizer=ADAM)
+    net = {"_target_": "cifar_cnn.nets.TutorialCNN"}
+    model = ImageClassifier(net=net, optimizer=ADAM)
     trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(model, datamodule)
-    path = tmp_path / "old.ckpt"
-    trainer.save_checkpoint(path, weights_only=False)
-    old = torch.load(path, weights_only=True)
-    del old["hyper_parameters"]["scheduler"], old["datamodule_hyper_parameters"]["flip"]
-    torch.save(old, path)
-    saved = read_checkpoint(path)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False)
+    resume = Resume(str(run))
 
-    _check_same_settings(saved, path, datamodule, model)  # the missing keys had their defaults
+    resume.check_same_settings(datamodule, model)
     other = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache", batch_size=16, flip=True)
     with pytest.raises(UserError, match="data.flip is False there, True now"):
-        _check_same_settings(saved, path, other, model)
+        resume.check_same_settings(other, model)
     # Settings that change what a run learns, unlike data_dir, eval_batch_size or on_device.
     for name, value in (("batch_size", 32), ("split_seed", 1), ("val_fraction", 0.3),
                         ("shuffle_seed", 5)):  # fmt: skip
@@ -507,20 +444,76 @@ def test_checkpoints_from_before_a_setting_existed_resume_with_its_default(
             tiny_data_dir, tmp_path / "cache", **{"batch_size": 16, name: value}
         )
         with pytest.raises(UserError, match=f"data.{name} is .* there, {value} now"):
-            _check_same_settings(saved, path, other, model)
+            resume.check_same_settings(other, model)
     elsewhere = CIFAR10DataModule(tiny_data_dir.parent, tmp_path / "other-cache", batch_size=16,
                                   eval_batch_size=7, on_device=True)  # fmt: skip
-    compiled = ImageClassifier(
-        net={"_target_": "cifar_cnn.nets.SeedCNN"}, optimizer=ADAM, compile=True
-    )
-    _check_same_settings(saved, path, elsewhere, compiled)
+    compiled = ImageClassifier(net=net, optimizer=ADAM, compile=True)
+    resume.check_same_settings(elsewhere, compiled)
 
-    # An argument the checkpoint's optimizer left out had its default (Adam's `fused`: None).
-    net = {"_target_": "cifar_cnn.nets.SeedCNN"}
-    unfused = ImageClassifier(net=net, optimizer=ADAM | {"fused": None})
-    _check_same_settings(saved, path, datamodule, unfused)
+    # An optimizer argument the run's config left out (Adam's `fused`): `~key` gives it again.
     fused = ImageClassifier(net=net, optimizer=ADAM | {"fused": True})
     with pytest.raises(UserError) as refused:
-        _check_same_settings(saved, path, datamodule, fused)
+        resume.check_same_settings(datamodule, fused)
     assert "(model.optimizer.fused is None there, True now). Resume with: " in str(refused.value)
     assert "Resume with: '~model.optimizer.fused' (the run's overrides: " in str(refused.value)
+
+
+@pytest.mark.slow  # train.py processes, or the full data set
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_last_ckpt_and_exits_non_zero(
+    signum: signal.Signals, data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "train.py"), f"data.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}", "trainer.accelerator=cpu", "trainer.max_epochs=50",
+        "+trainer.limit_train_batches=100", "+trainer.limit_val_batches=1",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:  # wait until training runs
+            if "epoch 000 (1/50)" in line:
+                break
+        process.send_signal(signum)
+        output = process.stdout.read()
+        assert process.wait(timeout=120) == 1, output
+    last = run_dir / "checkpoints" / "last.ckpt"
+    # Mid-epoch; or at the first epoch's end, when the signal beats GracefulStop's hook there.
+    assert f"stopped by {signum.name} at " in output and f"saved {last}" in output
+    assert "Traceback" not in output
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] >= 100  # after the first epoch's 100 steps
+    assert not list(run_dir.glob("checkpoints/*.tmp"))
+
+
+def test_a_signal_during_the_last_validation_still_stops_with_a_message() -> None:
+    stop = GracefulStop()
+    stop._note(signal.SIGTERM, None)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at the end of training"):
+        stop.on_train_end(trainer=None, pl_module=None)
+
+
+def test_a_stopped_sweep_job_names_the_sweeps_command_to_continue(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    hydra:\n    - hydra.mode=MULTIRUN\n"
+        f"    - hydra.sweep.dir={sweep}\n    - hydra/launcher=local\n"
+        "    task:\n    - model.optimizer.lr=1e-3,3e-4\n    - trainer.max_epochs=2\n"
+    )
+    overrides = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}", "model.optimizer.lr=1e-3"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert continue_command(sweep / "0" / "checkpoints" / "last.ckpt") == (
+            f"python train.py -m model.optimizer.lr=1e-3,3e-4 trainer.max_epochs=2 "
+            f"hydra/launcher=local hydra.sweep.dir={sweep}"
+        )
+        (sweep / "multirun.yaml").unlink()  # an Optuna search: its sweeper writes none
+        assert continue_command(sweep / "last.ckpt").startswith("the search's command again")
+    finally:
+        HydraConfig.instance().cfg = previous  # other tests' runs are not sweep jobs

@@ -25,13 +25,15 @@ from hydra_plugins.cifar_cnn_search.resumable_optuna import (
     _this_worker,
 )
 
+pytestmark = pytest.mark.slow  # every test runs searches of train.py processes
+
 ROOT = Path(__file__).resolve().parents[1]
-SEARCH = Path("outputs/searches/seed_cnn")
+SEARCH = Path("outputs/searches/tutorial_cnn")
 
 
 def search_command(data_dir: Path, n_trials: int, *overrides: str) -> list[str]:
     return [
-        sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=seed_cnn",
+        sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=tutorial_cnn",
         f"hydra.sweeper.n_trials={n_trials}", f"data.data_dir={data_dir}",
         "trainer.accelerator=cpu", "trainer.max_epochs=2", *overrides,
     ]  # fmt: skip
@@ -46,7 +48,7 @@ def run_search(cwd: Path, cache_dir: Path, command: list[str]) -> subprocess.Com
 
 def trials(cwd: Path) -> list[optuna.trial.FrozenTrial]:
     storage = f"sqlite:///{cwd / SEARCH / 'optuna.db'}"
-    return optuna.load_study(study_name="seed_cnn", storage=storage).trials
+    return optuna.load_study(study_name="tutorial_cnn", storage=storage).trials
 
 
 def job_folders(cwd: Path) -> list[str]:
@@ -64,7 +66,7 @@ def test_a_rerun_with_more_trials_continues_the_study(
     assert [(t.number, t.state) for t in study] == [(n, TrialState.COMPLETE) for n in range(4)]
     assert len({tuple(sorted(t.params.items())) for t in study}) == 4  # no repeated suggestion
     assert job_folders(tmp_path) == ["0", "1", "2", "3"]
-    for job, metrics in first_jobs.items():  # the first session's jobs are untouched
+    for job, metrics in first_jobs.items():  # the first run's jobs are untouched
         assert (tmp_path / SEARCH / job / "metrics.json").read_text() == metrics
     for trial in study:  # job folder N ran trial N's settings
         overrides = (tmp_path / SEARCH / str(trial.number) / ".hydra/overrides.yaml").read_text()
@@ -115,7 +117,7 @@ def test_running_trials_of_dead_processes_are_freed(shared: bool, tmp_path: Path
     here = _this_worker().rpartition(":")[0]
     dead, mine, elsewhere = (study.ask() for _ in range(3))
     dead.set_user_attr(WORKER, f"{here}:{2**22 + 1}")  # above Linux's largest pid
-    mine.set_user_attr(WORKER, _this_worker())  # the process asking: a previous session's
+    mine.set_user_attr(WORKER, _this_worker())  # the process asking: a previous run's
     elsewhere.set_user_attr(WORKER, f"node-7:{socket.gethostname()}-boot:{os.getpid()}")
     alive = study.ask()
     alive.set_user_attr(WORKER, f"{here}:{os.getppid()}")
@@ -170,7 +172,7 @@ def test_a_rerun_with_another_search_space_is_refused(
     ("overrides", "message"),
     [
         (
-            ["experiment=seed_augmented"],
+            ["experiment=tutorial_augmented"],
             "model.optimizer.lr has no effect: OneCycleLR sets the learning rate itself",
         ),
         (
@@ -226,7 +228,7 @@ def test_two_workers_share_one_study_on_a_database_server(
     postgres_url: str, tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     # Made here, so that the two workers do not both create Optuna's tables at once.
-    optuna.create_study(study_name="seed_cnn", storage=postgres_url, direction="maximize")
+    optuna.create_study(study_name="tutorial_cnn", storage=postgres_url, direction="maximize")
     command = search_command(tiny_data_dir, 4, f"hydra.sweeper.storage={postgres_url}")
     env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
     workers = [
@@ -237,7 +239,7 @@ def test_two_workers_share_one_study_on_a_database_server(
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
 
-    study = optuna.load_study(study_name="seed_cnn", storage=postgres_url).trials
+    study = optuna.load_study(study_name="tutorial_cnn", storage=postgres_url).trials
     completed = [t for t in study if t.state == TrialState.COMPLETE]
     # Each worker stops once n_trials have finished or are running; two that ask at the same
     # moment can each start one: at most one trial past n_trials per extra worker.

@@ -34,9 +34,9 @@ from omegaconf import OmegaConf
 from optuna.distributions import distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_cnn.config import check_lr_takes_effect, check_optimized_metric
 from cifar_cnn.errors import UserError, exit_on_user_error
-from cifar_cnn.sweep import SEARCH_RECORD, write_summary
+from cifar_cnn.sweep_summary import SEARCH_RECORD, write_summary
+from cifar_cnn.validation import check_lr_takes_effect, check_optimized_metric
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         _mark_interrupted(study, shared=not str(self.storage).startswith("sqlite:"))
         done = len(_counted(study))
         if study.trials:
-            # A seeded sampler would otherwise repeat the suggestions of the first session.
+            # A seeded sampler would otherwise repeat the suggestions of the first run.
             self.sampler.reseed_rng()
             log.info("Continuing study %s: %d of %d trials done", study.study_name, done,
                      self.n_trials)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Training runs through train.py's code path: in-process on composed configs, and as a command."""
+"""Whole training runs: what a run folder holds, reproducibility, train.py's messages."""
 
 import json
 import os
@@ -16,12 +16,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from cifar_cnn.data import CIFAR10DataModule
-from cifar_cnn.gpu_probe import NVML_CHECK
 from cifar_cnn.module import ImageClassifier
+from cifar_cnn.runtime import NVML_CHECK
 from cifar_cnn.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ("val/acc_best", "test/acc", "test/loss")
+
+
+METRICS = ("val/acc_best", "test/acc", "test/loss")
+
+
 FEW_BATCHES = (
     "trainer.accelerator=cpu",
     "trainer.max_epochs=2",
@@ -55,7 +59,7 @@ def test_smoke_run_writes_checkpoints_events_and_metrics(
     )
     assert info["git"]["commit"] == head.stdout.strip() and isinstance(info["git"]["dirty"], bool)
     assert info["seed"] == 42 and info["packages"]["torch"] == torch.__version__.split("+")[0]
-    assert set(FIGURES) <= metrics.keys() and metrics["epochs"] == 2
+    assert set(METRICS) <= metrics.keys() and metrics["epochs"] == 2
     assert 0 < metrics["fit_time_s"] <= metrics["wall_time_s"]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and Path(metrics["best_checkpoint"]).name in checkpoints
@@ -67,7 +71,7 @@ def test_smoke_run_writes_checkpoints_events_and_metrics(
     assert curves <= set(events.Tags()["scalars"])
     assert [point.step for point in events.Scalars("val/acc")] == [4, 9]  # 5 steps an epoch
     assert events.Scalars("val/acc_best")[-1].value == pytest.approx(metrics["val/acc_best"])
-    # HPARAMS: the run's settings, and its final figures as one point each.
+    # HPARAMS: the run's settings, and its final metrics as one point each.
     session = HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     ).session_start_info
@@ -135,7 +139,7 @@ def test_best_checkpoint_reproduces_the_reported_test_accuracy(
 def test_same_seed_same_metrics(compose_config: Callable[..., DictConfig], data_dir: Path) -> None:
     first = train(compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}"))
     second = train(compose_config(*FEW_BATCHES, f"data.data_dir={data_dir}"))
-    assert {k: first[k] for k in FIGURES} == {k: second[k] for k in FIGURES}
+    assert {k: first[k] for k in METRICS} == {k: second[k] for k in METRICS}
 
 
 def test_both_data_paths_train_to_the_same_weights(
@@ -144,10 +148,10 @@ def test_both_data_paths_train_to_the_same_weights(
     """The same batches, and the same random draws for augmentation and dropout."""
     runs = [
         compose_config(*FEW_BATCHES, f"data={data}", f"data.data_dir={data_dir}", "data.flip=true")
-        for data in ("cifar10", "cifar10_gpu")
+        for data in ("cifar10", "cifar10_on_device")
     ]
-    figures = [train(cfg) for cfg in runs]
-    assert {k: figures[0][k] for k in FIGURES} == {k: figures[1][k] for k in FIGURES}
+    results = [train(cfg) for cfg in runs]
+    assert {k: results[0][k] for k in METRICS} == {k: results[1][k] for k in METRICS}
     first, second = (
         torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["state_dict"]
         for cfg in runs
@@ -155,6 +159,7 @@ def test_both_data_paths_train_to_the_same_weights(
     assert all(torch.equal(value, second[key]) for key, value in first.items())
 
 
+@pytest.mark.slow  # starts train.py processes
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_train_py_runs_quietly_and_saves_its_config(
     precision: str, data_dir: Path, cache_dir: Path, tmp_path: Path
@@ -180,6 +185,7 @@ def test_train_py_runs_quietly_and_saves_its_config(
     assert (run_dir / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # starts train.py processes
 def test_fast_dev_run_saves_no_checkpoints_or_logs(
     data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -192,6 +198,7 @@ def test_fast_dev_run_saves_no_checkpoints_or_logs(
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "tensorboard").exists()
 
 
+@pytest.mark.slow  # starts train.py processes
 def test_train_py_without_data_says_what_to_do(cache_dir: Path, tmp_path: Path) -> None:
     result = run_train_py(
         f"data.data_dir={tmp_path / 'no-data'}", "data.download=false",
@@ -203,23 +210,6 @@ def test_train_py_without_data_says_what_to_do(cache_dir: Path, tmp_path: Path) 
     assert "Traceback" not in output
 
 
-def test_multirun_gives_each_job_its_own_folder(
-    data_dir: Path, cache_dir: Path, tmp_path: Path
-) -> None:
-    sweep_dir = tmp_path / "sweep"
-    result = run_train_py(
-        "-m", "model.optimizer.lr=1e-3,3e-4", "debug=fast_dev_run", f"data.data_dir={data_dir}",
-        f"hydra.sweep.dir={sweep_dir}", cache_dir=cache_dir, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    for job, lr in (("0", "0.001"), ("1", "0.0003")):
-        assert (
-            f"model.optimizer.lr={lr}"
-            in (sweep_dir / job / ".hydra" / "overrides.yaml").read_text()
-        )
-        assert (sweep_dir / job / "metrics.json").is_file()
-
-
 @pytest.mark.slow
 def test_one_epoch_on_the_full_data_learns(
     compose_config: Callable[..., DictConfig], data_dir: Path
@@ -228,6 +218,7 @@ def test_one_epoch_on_the_full_data_learns(
     assert metrics["test/acc"] >= 0.45
 
 
+@pytest.mark.slow  # starts train.py processes
 def test_runs_started_together_get_their_own_folders(
     data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -254,6 +245,7 @@ def test_runs_started_together_get_their_own_folders(
         ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed"),
     ],
 )
+@pytest.mark.slow  # starts train.py processes
 def test_bad_settings_on_the_command_line_are_named(
     override: str, expected: str, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -265,7 +257,7 @@ def test_bad_settings_on_the_command_line_are_named(
     assert expected in output and "Traceback" not in output
 
 
-def test_an_epoch_without_validation_shows_no_validation_figures(
+def test_an_epoch_without_validation_shows_no_validation_metrics(
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
@@ -277,4 +269,4 @@ def test_an_epoch_without_validation_shows_no_validation_figures(
         train(cfg)
     lines = {line[:9]: line for line in caplog.messages if line.startswith("epoch 00")}
     assert "val/acc" not in lines["epoch 000"] and "val/acc" in lines["epoch 001"]
-    assert "val/acc" not in lines["epoch 002"]  # not epoch 001's figures again
+    assert "val/acc" not in lines["epoch 002"]  # not epoch 001's metrics again

@@ -1,6 +1,6 @@
 """Sweep summaries: one table of every job of a Hydra multirun, written when the sweep ends.
 
-Rebuild it for any sweep folder with `python -m cifar_cnn.sweep outputs/multiruns/<sweep>`.
+Rebuild it for any sweep folder with `python -m cifar_cnn.sweep_summary outputs/multiruns/<sweep>`.
 """
 
 import csv
@@ -39,7 +39,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A sweep folder (`hydra.sweep.dir`) holds one sweep: the same command again goes on
-        with it (its completed jobs keep their figures, the others continue from their last
+        with it (its completed jobs keep their metrics, the others continue from their last
         checkpoints); another sweep there would mix its jobs with the first's, and Hydra
         would rewrite their records."""
         earlier = Path(config.hydra.sweep.dir) / "multirun.yaml"
@@ -113,8 +113,8 @@ def _swept_keys(sweep_dir: Path) -> set[str]:
     """The keys the sweep varies: a sweep's (multirun.yaml: its command's `lr=1e-3,3e-4`,
     `choice(...)`, ..., and `hydra.sweeper.params`) or a search's space (search.yaml). Not the
     keys whose values differ between the jobs that ran: one job, or a search's trials that drew
-    the same value, vary a key too. Neither file (a folder of older versions): none, and the
-    overrides that every job has count as shared."""
+    the same value, vary a key too. Neither file: none, and the overrides that every job has
+    count as shared."""
     hydra = _yaml_mapping(sweep_dir / "multirun.yaml").get("hydra") or {}
     task = (hydra.get("overrides") or {}).get("task") or []
     try:
@@ -162,10 +162,8 @@ def _markdown(rows: list[dict[str, Any]], shared: list[str], sweep_dir: Path) ->
         lines += ["| overrides | jobs | " + " | ".join(columns) + " |"]
         lines += ["|" + " --- |" * (2 + len(columns))]
         for key, members in groups.items():
-            figures = [_mean_std(column, [row[column] for row in members]) for column in columns]
-            lines.append(
-                f"| {key or '(defaults)'} | {len(members)} | " + " | ".join(figures) + " |"
-            )
+            cells = [_mean_std(column, [row[column] for row in members]) for column in columns]
+            lines.append(f"| {key or '(defaults)'} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +215,7 @@ def _number(value: Any) -> float:
 
 
 def _mean_std(column: str, values: list[Any]) -> str:
-    """Mean ± std, as `_cell` writes the column; empty where a job lacks it (older runs)."""
+    """Mean ± std, as `_cell` writes the column; empty where a job lacks it."""
     if not all(isinstance(value, int | float) for value in values):
         return ""
     decimals = _decimals(column)
@@ -240,6 +238,6 @@ def _cell(column: str, value: Any, sweep_dir: Path) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m cifar_cnn.sweep <sweep folder>")
+        sys.exit("usage: python -m cifar_cnn.sweep_summary <sweep folder>")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_summary(Path(sys.argv[1]))

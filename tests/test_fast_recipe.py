@@ -1,4 +1,4 @@
-"""The fast recipe: data kept on the device, FastCNN, and what ImageClassifier adds for them."""
+"""The fast recipe: FastCNN, its whitened stem, lookahead, its schedule, whole runs."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -9,26 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig
 from torch import nn
 
-from cifar_cnn.callbacks import Lookahead, StoppedBySignal, WhitenStem
 from cifar_cnn.checkpoints import load_checkpoint
-from cifar_cnn.data import CIFAR10DataModule, DeviceBatches, epoch_order
-from cifar_cnn.errors import UserError
-from cifar_cnn.module import ImageClassifier, TriangularLR
-from cifar_cnn.nets import FastCNN, SeedCNN
+from cifar_cnn.errors import StoppedBySignal, UserError
+from cifar_cnn.fast_recipe import FastCNN, Lookahead, TriangularLR, WhitenStem
+from cifar_cnn.module import ImageClassifier
+from cifar_cnn.nets import TutorialCNN
 from cifar_cnn.training import build, train
 
 from .conftest import compose_in
-
-
-def ready(data_dir: Path, cache_dir: Path, **kwargs) -> CIFAR10DataModule:
-    datamodule = CIFAR10DataModule(data_dir, cache_dir, **kwargs)
-    datamodule.prepare_data()
-    datamodule.setup()
-    return datamodule
 
 
 def tiny_fast_run(tiny_data_dir: Path) -> list[str]:
@@ -40,103 +31,6 @@ def tiny_fast_run(tiny_data_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def epoch_batches(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
-    return list(loader)
-
-
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_device_path_and_dataloader_give_the_same_batches(
-    drop_last: bool, tiny_data_dir: Path, tmp_path: Path
-) -> None:
-    """80 training images in batches of 24: three full batches and a last one of 8."""
-    settings = dict(batch_size=24, shuffle_seed=3, drop_last=drop_last, flip=True, crop_padding=2)
-    loader = ready(tiny_data_dir, tmp_path / "cache", **settings)
-    device = ready(tiny_data_dir, tmp_path / "cache", on_device=True, **settings)
-    on_device = device.train_dataloader()
-    assert isinstance(on_device, DeviceBatches)
-    assert len(on_device) == len(loader.train_dataloader()) == (3 if drop_last else 4)
-    for epoch in (0, 1):
-        expected = epoch_batches(loader.train_dataloader(), epoch)
-        batches = epoch_batches(on_device, epoch)
-        assert [len(labels) for _, labels in batches] == [24, 24, 24] + ([] if drop_last else [8])
-        for (images, labels), (same_images, same_labels) in zip(expected, batches, strict=True):
-            assert torch.equal(images, same_images) and torch.equal(labels, same_labels)
-            augmented = []
-            for datamodule, batch in ((loader, (images, labels)), (device, (same_images, labels))):
-                datamodule.trainer = SimpleNamespace(training=True, precision_plugin=Precision())
-                torch.manual_seed(epoch)  # the augmentation draws alike too
-                augmented.append(datamodule.on_after_batch_transfer(batch, 0)[0])
-                datamodule.trainer = None
-            assert torch.equal(augmented[0], augmented[1])
-    first, second = (epoch_batches(on_device, epoch)[0][1] for epoch in (0, 1))
-    assert not torch.equal(first, second)  # a new order every epoch
-
-
-@pytest.mark.parametrize("on_device", [False, True])
-def test_evaluation_batches_are_in_order_and_keep_the_last_partial_one(
-    on_device: bool, tiny_data_dir: Path, tmp_path: Path
-) -> None:
-    datamodule = ready(
-        tiny_data_dir, tmp_path / "cache", on_device=on_device, eval_batch_size=16, drop_last=True
-    )
-    batches = list(datamodule.test_dataloader())
-    assert [len(labels) for _, labels in batches] == [16, 16, 8]
-    assert torch.equal(torch.cat([images for images, _ in batches]), datamodule.data_test.images)
-    val = [len(labels) for _, labels in datamodule.val_dataloader()]
-    assert val == [16, 4]  # 20 of the 100 training images
-
-
-@pytest.mark.parametrize("on_device", [False, True])
-def test_processes_train_on_equal_disjoint_shares_and_evaluate_each_image_once(
-    on_device: bool, tiny_data_dir: Path, tmp_path: Path
-) -> None:
-    """Three processes: 80 training images give each 26 (two sit out the epoch); the 40
-    test images are evaluated once over all of them."""
-    training, testing = [], []
-    for rank in range(3):
-        datamodule = ready(tiny_data_dir, tmp_path / "cache", on_device=on_device, batch_size=8)
-        datamodule.trainer = SimpleNamespace(
-            global_rank=rank, world_size=3, training=False,
-            strategy=SimpleNamespace(root_device=torch.device("cpu")),
-        )  # fmt: skip
-        training.append(torch.cat([images for images, _ in datamodule.train_dataloader()]))
-        testing.append(torch.cat([images for images, _ in datamodule.test_dataloader()]))
-
-    assert [len(images) for images in training] == [26, 26, 26]
-    trained = {image.numpy().tobytes() for images in training for image in images}
-    assert len(trained) == 78  # no image in two shares
-    tested = sorted(image.numpy().tobytes() for images in testing for image in images)
-    assert tested == sorted(image.numpy().tobytes() for image in datamodule.data_test.images)
-
-
-def test_epoch_order_depends_on_seed_and_epoch_alone() -> None:
-    order = epoch_order(100, seed=42, epoch=3)
-    assert sorted(order.tolist()) == list(range(100))
-    assert torch.equal(order, epoch_order(100, seed=42, epoch=3))
-    others = [epoch_order(100, 42, 4), epoch_order(100, 43, 3), epoch_order(100, 43, 2)]
-    assert all(not torch.equal(order, other) for other in others)
-
-
-def test_the_shuffle_seed_defaults_to_the_run_seed(tiny_data_dir: Path, tmp_path: Path) -> None:
-    torch.manual_seed(7)  # what seed_everything(7) does to torch
-    sampler = ready(tiny_data_dir, tmp_path / "cache").train_dataloader().sampler
-    assert sampler.seed == 7
-    assert list(sampler) == epoch_order(80, seed=7, epoch=0).tolist()
-
-
-def test_augmented_device_batches_keep_shape_type_and_range(
-    tiny_data_dir: Path, tmp_path: Path
-) -> None:
-    datamodule = ready(tiny_data_dir, tmp_path / "cache", on_device=True, flip=True, crop_padding=4)
-    images, labels = next(iter(datamodule.train_dataloader()))
-    datamodule.trainer = SimpleNamespace(training=True, precision_plugin=Precision())
-    floats, same_labels = datamodule.on_after_batch_transfer((images, labels), 0)
-    assert floats.shape == images.shape == (64, 3, 32, 32) and floats.dtype == torch.float32
-    assert floats.min() >= 0.0 and floats.max() <= 1.0
-    assert same_labels is labels and labels.dtype == torch.int64
-
-
 def test_fast_cnn_has_airbench_size_and_maps_images_to_logits() -> None:
     net = FastCNN()
     assert sum(p.numel() for p in net.parameters()) == 1_972_792
@@ -145,36 +39,6 @@ def test_fast_cnn_has_airbench_size_and_maps_images_to_logits() -> None:
     logits = net(torch.rand(4, 3, 32, 32))
     assert logits.shape == (4, 10) and logits.dtype == torch.float32
     assert FastCNN(num_classes=5, widths=(8, 16, 32))(torch.rand(2, 3, 32, 32)).shape == (2, 5)
-
-
-FAST_NET = {"_target_": "cifar_cnn.nets.FastCNN", "widths": [8, 16, 16]}
-SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "weight_decay": 1e-3}
-
-
-def test_flip_tta_averages_an_image_with_its_mirror_in_eval_mode() -> None:
-    model = ImageClassifier(FAST_NET, SGD, flip_tta=True, channels_last=True).eval()
-    images = torch.rand(3, 3, 32, 32)
-    with torch.inference_mode():
-        assert torch.allclose(model(images), model(images.flip(3)), atol=1e-6)
-        plain = model.net(images)
-        assert torch.allclose(model(images), (plain + model.net(images.flip(3))) / 2, atol=1e-6)
-    model.train()
-    assert not torch.allclose(model(images), model(images.flip(3)))
-
-
-def test_translate_tta_adds_the_image_shifted_a_pixel_either_way() -> None:
-    model = ImageClassifier(FAST_NET, SGD, flip_tta=True, translate_tta=True).eval()
-    images = torch.rand(2, 3, 32, 32)
-
-    def mirrored(x: torch.Tensor) -> torch.Tensor:
-        return (model.net(x) + model.net(x.flip(3))) / 2
-
-    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-    with torch.inference_mode():
-        shifted = mirrored(padded[:, :, :32, :32]) + mirrored(padded[:, :, 2:, 2:])
-        assert torch.allclose(model(images), mirrored(images) / 2 + shifted / 4, atol=1e-6)
-    model.train()
-    assert torch.equal(model(images), model.net(images))  # training sees the image alone
 
 
 def test_the_whitened_stem_decorrelates_image_patches_and_stays_frozen() -> None:
@@ -204,8 +68,8 @@ def test_the_whitened_stem_decorrelates_image_patches_and_stays_frozen() -> None
 
 def test_whiten_stem_names_a_net_it_cannot_whiten() -> None:
     trainer = SimpleNamespace(datamodule=None)
-    with pytest.raises(UserError, match="callbacks.whiten_stem .* SeedCNN has none"):
-        WhitenStem().setup(trainer, SimpleNamespace(net=SeedCNN()), "fit")
+    with pytest.raises(UserError, match="callbacks.whiten_stem .* TutorialCNN has none"):
+        WhitenStem().setup(trainer, SimpleNamespace(net=TutorialCNN()), "fit")
 
 
 def test_lookahead_pulls_weights_to_their_average_and_ends_on_it() -> None:
@@ -267,15 +131,6 @@ def test_the_stem_bias_stops_learning_after_its_epochs() -> None:
     assert bias.requires_grad  # DDP needs its parameters' gradients to keep coming
 
 
-def test_norm_biases_get_a_scaled_rate_and_the_same_decay_per_step() -> None:
-    model = ImageClassifier(FAST_NET, SGD, norm_bias_lr_scale=64)
-    others, biases = model.configure_optimizers().param_groups
-    assert (others["lr"], others["weight_decay"]) == (0.1, 1e-3)
-    assert biases["lr"] == pytest.approx(6.4) and biases["weight_decay"] == pytest.approx(1e-3 / 64)
-    assert len(biases["params"]) == 6  # two BatchNorms in each of three stages
-    assert len(others["params"]) + len(biases["params"]) == len(list(model.parameters()))
-
-
 def test_triangular_schedule_rises_then_falls_to_zero() -> None:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     optimizer.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": 10.0})
@@ -294,26 +149,6 @@ def test_triangular_schedule_rises_then_falls_to_zero() -> None:
         optimizer.step()
         schedule.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # falls to end_factor
-
-
-def test_label_smoothing_applies_to_the_training_loss_only() -> None:
-    model = ImageClassifier(FAST_NET, SGD, label_smoothing=0.2)
-    logged = {}
-    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
-    model.trainer = SimpleNamespace(
-        log_every_n_steps=0,
-        num_training_batches=10,
-        global_step=0,
-        max_steps=-1,
-        accumulate_grad_batches=1,
-    )
-    images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    logits = model.eval()(images)  # eval mode: the same logits for both steps
-    model.validation_step((images, labels), 0)
-    assert torch.allclose(model.val_loss.compute(), F.cross_entropy(logits, labels))
-    smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2)
-    model.on_train_epoch_start()  # as Lightning calls it before an epoch's steps
-    assert torch.allclose(model.training_step((images, labels), 0), smoothed)
 
 
 def test_fast_experiment_composes_and_builds(compose_config: Callable[..., DictConfig]) -> None:
@@ -372,7 +207,7 @@ def test_a_fast_run_stopped_at_a_lookahead_step_resumes_exactly_into_linked_chec
     """Stopped at step 5 of the first epoch (6 steps), where Lookahead pulls the weights: the
     stop saves after the pull. The stop's last.ckpt is a file; the resumed run's link
     replaces it (no last-v1.ckpt, which a later resume would not read)."""
-    interrupt = ["+callbacks.interrupt._target_=tests.test_resume.InterruptAtStep",
+    interrupt = ["+callbacks.interrupt._target_=tests.probes.InterruptAtStep",
                  "+callbacks.interrupt.step=5"]  # fmt: skip
     stopped = compose_config(*tiny_fast_run(tiny_data_dir), *interrupt)
     with pytest.raises(StoppedBySignal, match="at step 5 \\(epoch 0\\)"):

@@ -1,3 +1,5 @@
+"""The data on disk: both layouts, listing, decoding, and the decode cache."""
+
 import multiprocessing
 import os
 import pickle
@@ -6,84 +8,24 @@ import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from cifar_cnn.data import CLASSES, CIFAR10DataModule, _suffix, augment
+from cifar_cnn.data import CLASSES, CIFAR10DataModule
+from cifar_cnn.data.sources import CIFAR10Source, suffix
 from cifar_cnn.errors import DataNotFoundError, UserError
 from cifar_cnn.prediction import load_image_file
 
-from .conftest import make_image_folder
-
-
-def ready(data_dir: Path, cache_dir: Path, **kwargs) -> CIFAR10DataModule:
-    datamodule = CIFAR10DataModule(data_dir, cache_dir, **kwargs)
-    datamodule.prepare_data()
-    datamodule.setup()
-    return datamodule
+from ..conftest import make_image_folder, ready
 
 
 def folder_contents(root: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
-
-
-@pytest.fixture(scope="module")
-def real(data_dir: Path, cache_dir: Path) -> CIFAR10DataModule:
-    return ready(data_dir, cache_dir)
-
-
-def test_real_split_sizes(real: CIFAR10DataModule) -> None:
-    assert (len(real.data_train), len(real.data_val), len(real.data_test)) == (
-        40_000,
-        10_000,
-        10_000,
-    )
-
-
-def test_real_labels_are_cifar10_order_and_balanced(
-    real: CIFAR10DataModule, data_dir: Path
-) -> None:
-    train_labels = torch.cat([real.data_train.labels, real.data_val.labels])
-    assert torch.bincount(train_labels).tolist() == [5000] * 10
-    assert torch.bincount(real.data_test.labels).tolist() == [1000] * 10
-    # The test set: each class's first file (by name), then each one's second, ...
-    for label, name in enumerate(CLASSES):
-        first = np.array(Image.open(min((data_dir / "test" / name).iterdir())))
-        assert torch.equal(real.data_test.images[label], torch.from_numpy(first).permute(2, 0, 1))
-    assert real.data_test.labels.tolist() == list(range(10)) * 1000
-
-
-def test_real_batches_are_uint8_then_floats_in_unit_range(real: CIFAR10DataModule) -> None:
-    images, labels = next(iter(real.train_dataloader()))
-    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8
-    assert labels.shape == (64,) and labels.dtype == torch.int64
-    floats, same_labels = real.on_after_batch_transfer((images, labels), 0)
-    assert floats.dtype == torch.float32 and same_labels is labels
-    assert 0.0 <= floats.min() < 0.1 and 0.9 < floats.max() <= 1.0
-    assert torch.allclose(floats * 255, images.float())
-
-
-def test_val_images_come_from_the_training_set_only(real: CIFAR10DataModule) -> None:
-    val = {bytes(image.numpy()) for image in real.data_val.images[:500]}
-    train = {bytes(image.numpy()) for image in real.data_train.images}
-    test = {bytes(image.numpy()) for image in real.data_test.images}
-    assert not val & train and not val & test
-
-
-def test_split_is_seeded_and_stable(tiny_data_dir: Path, tmp_path: Path) -> None:
-    first = ready(tiny_data_dir, tmp_path / "cache", val_fraction=0.3, split_seed=7)
-    again = ready(tiny_data_dir, tmp_path / "cache", val_fraction=0.3, split_seed=7)
-    other = ready(tiny_data_dir, tmp_path / "cache", val_fraction=0.3, split_seed=8)
-    assert (len(first.data_train), len(first.data_val), len(first.data_test)) == (70, 30, 40)
-    assert torch.equal(first.data_val.images, again.data_val.images)
-    assert not torch.equal(first.data_val.images, other.data_val.images)
 
 
 def test_the_test_images_interleave_the_classes_so_any_part_holds_all(
@@ -102,9 +44,13 @@ def test_cache_lives_outside_the_data_and_is_reused(
     before = folder_contents(tiny_data_dir)
     first = ready(tiny_data_dir, tmp_path / "cache")
     assert folder_contents(tiny_data_dir) == before
-    assert first.cache_path.parent == tmp_path / "cache" and first.cache_path.is_file()
+    assert (
+        first.source.cache_path.parent == tmp_path / "cache" and first.source.cache_path.is_file()
+    )
 
-    monkeypatch.setattr("cifar_cnn.data._decode", lambda path: pytest.fail(f"decoded {path}"))
+    monkeypatch.setattr(
+        "cifar_cnn.data.sources.decode_image", lambda path: pytest.fail(f"decoded {path}")
+    )
     second = ready(tiny_data_dir, tmp_path / "cache")
     assert torch.equal(second.data_test.images, first.data_test.images)
 
@@ -112,7 +58,7 @@ def test_cache_lives_outside_the_data_and_is_reused(
 def test_cache_is_rebuilt_when_the_source_changes(tiny_data_dir: Path, tmp_path: Path) -> None:
     first = ready(tiny_data_dir, tmp_path / "cache")
     another_folder = ready(
-        make_image_folder(tmp_path / "b", {"train": 3, "test": 1}), first.cache_dir
+        make_image_folder(tmp_path / "b", {"train": 3, "test": 1}), first.source.cache_dir
     )
     waiting = CIFAR10DataModule(tiny_data_dir, tmp_path / "cache")
     waiting.prepare_data()  # set up after the data changes
@@ -123,21 +69,16 @@ def test_cache_is_rebuilt_when_the_source_changes(tiny_data_dir: Path, tmp_path:
         tiny_data_dir / "test" / "cat" / "0004.jpg"
     )
     second = ready(tiny_data_dir, tmp_path / "cache")
-    assert second.cache_path != first.cache_path
-    assert not first.cache_path.exists()  # outdated: removed
-    assert another_folder.cache_path.is_file()  # another folder's: kept
+    assert second.source.cache_path != first.source.cache_path
+    assert not first.source.cache_path.exists()  # outdated: removed
+    assert another_folder.source.cache_path.is_file()  # another folder's: kept
     waiting.setup()  # a run that chose its cache before the data changed reads the new one
     assert len(waiting.data_test) == 41 and torch.equal(
         waiting.data_test.images, second.data_test.images
     )
-    assert waiting.cache_path == second.cache_path and second.cache_path.is_file()
-    first_format = first.cache_dir / "cifar10-0123456789abcdef.pt"  # named by content alone
-    first_format.write_bytes(b"")
-    ready(tiny_data_dir.parent / "b", first.cache_dir)  # its cache exists: nothing is written
-    assert first_format.exists()  # only a cache written now removes outdated ones
-    (tiny_data_dir / "test" / "bird" / "0002.jpg").unlink()
-    ready(tiny_data_dir, first.cache_dir)
-    assert not first_format.exists()
+    assert (
+        waiting.source.cache_path == second.source.cache_path and second.source.cache_path.is_file()
+    )
     changed = 1 * 10 + 2  # each class's second image (0001.jpg) follows the ten first ones
     assert not torch.equal(second.data_test.images[changed], first.data_test.images[changed])
     assert torch.equal(second.data_test.images[changed + 1], first.data_test.images[changed + 1])
@@ -176,7 +117,7 @@ def test_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     def offline(*args, **kwargs):
         raise URLError("Name or service not known")
 
-    monkeypatch.setattr("cifar_cnn.data.CIFAR10", offline)
+    monkeypatch.setattr("cifar_cnn.data.sources.CIFAR10", offline)
     with pytest.raises(DataNotFoundError, match="the download failed: .*Name or service not known"):
         ready(tmp_path / "nowhere", tmp_path / "cache", download=True)
 
@@ -192,7 +133,7 @@ def test_missing_class_folder_is_named(tiny_data_dir: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize("name", ["a.jpg", "b.JPEG", "a.tar.gz", ".jpg", "..jpg", "a.", "a", "."])
 def test_the_listing_reads_suffixes_as_pathlib_does(name: str) -> None:
     """The cache key lists the files that count as images: the same ones as with `Path`."""
-    assert _suffix(name) == Path(name).suffix
+    assert suffix(name) == Path(name).suffix
 
 
 def test_files_that_are_not_images_are_skipped_with_a_count(
@@ -263,7 +204,7 @@ def test_a_cache_folder_that_cannot_be_written_is_named_before_decoding(
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("a file")
     decoded = []
-    monkeypatch.setattr(CIFAR10DataModule, "_decode_source", lambda self: decoded.append(1))
+    monkeypatch.setattr(CIFAR10Source, "_decode", lambda self: decoded.append(1))
     with pytest.raises(
         UserError,
         match=f"cannot write the data cache in {not_a_folder} .*"
@@ -281,34 +222,6 @@ def test_a_cache_folder_that_cannot_be_written_is_named_before_decoding(
     with pytest.raises(UserError, match=f"cannot write the data cache in {tmp_path / 'c2'}"):
         ready(tiny_data_dir, tmp_path / "c2")
     assert list((tmp_path / "c2").iterdir()) == []  # no half-written file left
-
-
-def test_val_fraction_0_gives_every_training_image_to_training(
-    tiny_data_dir: Path, tmp_path: Path
-) -> None:
-    """Only code asks for it (benchmarks/airbench_reference.py); configs refuse 0."""
-    datamodule = ready(tiny_data_dir, tmp_path / "cache", val_fraction=0)
-    assert (len(datamodule.data_train), len(datamodule.data_val)) == (100, 0)
-
-
-@pytest.mark.parametrize(("fraction", "empty"), [(0.001, "validation"), (0.999, "training")])
-def test_a_val_fraction_that_leaves_a_split_empty_is_named(
-    fraction: float, empty: str, tiny_data_dir: Path, tmp_path: Path
-) -> None:
-    with pytest.raises(UserError, match=f"data.val_fraction={fraction} of the 100 training "
-                       f"images leaves no {empty} images"):  # fmt: skip
-        ready(tiny_data_dir, tmp_path / "cache", val_fraction=fraction)
-
-
-def test_a_batch_larger_than_the_training_set_with_drop_last_is_named(
-    tiny_data_dir: Path, tmp_path: Path
-) -> None:
-    datamodule = ready(tiny_data_dir, tmp_path / "cache", batch_size=81, drop_last=True)
-    with pytest.raises(UserError, match="data.batch_size=81 with data.drop_last=true leaves no "
-                       "training batch: an epoch has 80 training images"):  # fmt: skip
-        datamodule.train_dataloader()
-    assert len(ready(tiny_data_dir, tmp_path / "cache", batch_size=80, drop_last=True)
-               .train_dataloader()) == 1  # fmt: skip
 
 
 def test_images_of_another_size_stop_the_run_and_grayscale_ones_are_converted(
@@ -388,18 +301,19 @@ def test_a_truncated_cache_is_rebuilt(
     tiny_data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = ready(tiny_data_dir, tmp_path / "cache")
-    content = first.cache_path.read_bytes()
-    first.cache_path.write_bytes(content[: len(content) // 3])
+    content = first.source.cache_path.read_bytes()
+    first.source.cache_path.write_bytes(content[: len(content) // 3])
     second = ready(tiny_data_dir, tmp_path / "cache")
     assert "rebuilding the unreadable data cache" in caplog.text
     assert torch.equal(second.data_test.images, first.data_test.images)
-    assert first.cache_path.read_bytes() == content
+    assert first.source.cache_path.read_bytes() == content
 
 
 def _build_and_sum(data_dir: Path, cache_dir: Path) -> int:
     return int(ready(data_dir, cache_dir).data_test.images.sum())
 
 
+@pytest.mark.slow  # starts Python processes
 def test_two_processes_building_one_cache_at_once(tiny_data_dir: Path, tmp_path: Path) -> None:
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         sums = list(pool.map(_build_and_sum, [tiny_data_dir] * 2, [tmp_path / "cache"] * 2))
@@ -407,6 +321,7 @@ def test_two_processes_building_one_cache_at_once(tiny_data_dir: Path, tmp_path:
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]
 
 
+@pytest.mark.slow  # starts Python processes
 def test_a_read_only_data_folder_works(tiny_data_dir: Path, tmp_path: Path) -> None:
     """The data folder loses its write bits. Root ignores them, so as root the loading runs
     without the capability to override file permissions (setpriv)."""
@@ -432,35 +347,3 @@ def test_a_read_only_data_folder_works(tiny_data_dir: Path, tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["80", "20", "40"]
-
-
-def test_augment_flips_and_shifts_each_image_on_its_own() -> None:
-    torch.manual_seed(0)
-    images = torch.rand(64, 3, 32, 32)
-    assert torch.equal(augment(images, flip=False, padding=0), images)
-
-    flipped = augment(images, flip=True, padding=0)
-    mirrored = [torch.equal(a, b.flip(2)) for a, b in zip(flipped, images, strict=True)]
-    assert all(m or torch.equal(a, b) for m, a, b in zip(mirrored, flipped, images, strict=True))
-    assert 10 < sum(mirrored) < 54  # about half
-
-    shifted = augment(images, flip=False, padding=4)
-    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
-    offsets = set()
-    for out, source in zip(shifted, padded, strict=True):
-        [offset] = [
-            (y, x) for y in range(9) for x in range(9)
-            if torch.equal(out, source[:, y : y + 32, x : x + 32])
-        ]  # fmt: skip
-        offsets.add(offset)
-    assert len(offsets) > 20  # the shifts differ from image to image
-
-
-def test_only_training_batches_are_augmented(tiny_data_dir: Path, tmp_path: Path) -> None:
-    datamodule = ready(tiny_data_dir, tmp_path / "cache", flip=True, crop_padding=4)
-    batch = next(iter(datamodule.train_dataloader()))
-    plain = batch[0].float() / 255
-    for training in (False, True):
-        datamodule.trainer = SimpleNamespace(training=training, precision_plugin=Precision())
-        images, _ = datamodule.on_after_batch_transfer(batch, 0)
-        assert torch.equal(images, plain) != training

@@ -1,25 +1,25 @@
-"""OmegaConf resolvers used by the configs in conf/, and the checks of a composed config."""
+"""Checks of a composed config, before any data is read: each refusal names the key, the
+value and what is allowed."""
 
 import math
-import os
-import sys
 from collections.abc import Callable, Collection
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.fabric.utilities.device_parser import _select_auto_accelerator
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_cnn.errors import UserError
 
 ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+# Lightning's names. The `-true` half precisions are left out: they convert the metrics'
+# states and the images with the weights, which no recipe here needs.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+MIXED_PRECISIONS = ("16-mixed", "bf16-mixed")
 
 # What a training run reports (metrics.json), and so what sweepers can optimise.
-RUN_FIGURES = ("val/acc_best", "test/acc", "test/loss")
+RUN_METRICS = ("val/acc_best", "test/acc", "test/loss")
 
 # key: (test of the value, what is allowed). Keys a config lacks are not checked; null is
 # refused but where NULLABLE says what it means.
@@ -54,6 +54,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.scheduler.end_factor": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
+    "trainer.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),  # eval.py's
 }
 
 # On/off settings. Hydra reads only true and false as such: `data.flip=off` is the string
@@ -71,8 +73,8 @@ SWITCHES = (
     "model.optimizer.fused",
 )
 # null: the run's seed; Lightning's default (1000 epochs, or none with trainer.max_steps);
-# torch's choice.
-NULLABLE = ("data.shuffle_seed", "trainer.max_epochs", "model.optimizer.fused")
+# torch's choice; the run's own precision (eval.py).
+NULLABLE = ("data.shuffle_seed", "trainer.max_epochs", "model.optimizer.fused", "precision")
 ABSENT = object()
 
 
@@ -114,15 +116,12 @@ def _checked_value(cfg: DictConfig, key: str) -> Any:
 
 
 def check_optimized_metric(cfg: DictConfig) -> None:
-    """What train.py returns to sweepers must be one of the run's figures."""
-    if "optimized_metric" in cfg and cfg.optimized_metric not in RUN_FIGURES:  # null too
+    """What train.py returns to sweepers must be one of the run's metrics."""
+    if "optimized_metric" in cfg and cfg.optimized_metric not in RUN_METRICS:  # null too
         raise UserError(
             f"optimized_metric={cfg.optimized_metric} is not allowed: it must be one of "
-            + ", ".join(RUN_FIGURES)
+            + ", ".join(RUN_METRICS)
         )
-
-
-MIXED_PRECISIONS = ("16", "bf16", "16-mixed", "bf16-mixed")
 
 
 def _check_clipping(cfg: DictConfig) -> None:
@@ -186,59 +185,3 @@ def _check_gpu_present(cfg: DictConfig) -> None:
             f"trainer.accelerator={accelerator}, but this machine has no GPU that torch can use: "
             "use trainer=cpu, or trainer.accelerator=auto to take a GPU where there is one"
         )
-
-
-def stdout_isatty() -> bool:
-    """True when stdout is a terminal: progress bars redraw there, log files get plain lines."""
-    return sys.stdout.isatty()
-
-
-def on_cuda(accelerator: str) -> bool:
-    """True when the trainer's `accelerator` puts it on CUDA GPUs on this machine."""
-    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-
-
-def default_precision(accelerator: str) -> str:
-    """`bf16-mixed` (bf16 autocast) when the trainer's `accelerator` puts it on a CPU that
-    computes bf16 natively (AVX512-BF16 or AMX): on the project's CPU the seed's epochs take a
-    third less time than in float32, at the same test accuracy (README.md, Speed). `32-true`
-    elsewhere: other CPUs emulate bf16, and GPUs keep the float32 their figures came from."""
-    if accelerator == "auto":
-        accelerator = _select_auto_accelerator()  # Lightning's own choice: tpu, mps, cuda, cpu
-    if accelerator != "cpu":
-        return "32-true"
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16-mixed" if native_bf16 else "32-true"
-
-
-def run_folder(checkpoint: str | None, new_folder: str) -> str:
-    """Where a run writes: the folder of the run that `ckpt_path` resumes, else `new_folder`."""
-    resumed = resumed_run(checkpoint) if checkpoint else None
-    return str(resumed) if resumed else new_folder
-
-
-def resumed_run(checkpoint: str | Path) -> Path | None:
-    """The run folder that `checkpoint` continues: given as the folder itself or as its
-    checkpoints/last.ckpt. None for anything else (train.py then says what it takes)."""
-    path = Path(checkpoint).expanduser()
-    if path.is_file() and path.name == "last.ckpt" and path.parent.name == "checkpoints":
-        path = path.parent.parent
-    return path if (path / "checkpoints" / "last.ckpt").is_file() else None
-
-
-def config_subfolder(checkpoint: str | None) -> str:
-    """Hydra's record of a run: a resumed run keeps the first record and adds its own."""
-    if checkpoint and resumed_run(checkpoint):
-        return f".hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
-    return ".hydra"
-
-
-OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty, replace=True)
-OmegaConf.register_new_resolver("gpu_count", torch.cuda.device_count, replace=True)
-OmegaConf.register_new_resolver("on_cuda", on_cuda, replace=True)
-OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
-OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
-OmegaConf.register_new_resolver("config_subfolder", config_subfolder, replace=True)
-# Run folder names end in the process id: two runs started in the same second differ.
-# Cached: every job of a sweep gets the same value, even with a launcher of many processes.
-OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True)
