@@ -46,6 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = _in_precision(model, cfg.precision or trained_in, device)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Writing to %s", output_dir)
     if cfg.predict not in (None, ""):  # a path, though Hydra reads predict=2024 as a number
         rows = predict_files(model, Path(str(cfg.predict)), output_dir / "predictions.csv", device)
         return {"predictions": len(rows)}

@@ -61,6 +61,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: one process writes the run's files
+        log.info("Run folder %s", output_dir)
         (output_dir / "metrics.json").unlink(missing_ok=True)  # no stale result of earlier runs
         info = json.dumps(provenance(cfg.seed, trainer.strategy.root_device), indent=2) + "\n"
         (output_dir / "run_info.json").write_text(info)

@@ -18,6 +18,14 @@ from cifar_cnn.resolvers import register_resolvers
 from cifar_cnn.runtime import silence_known_warnings
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_GROUPS = ("paths", "data", "model", "trainer", "callbacks", "logger", "experiment", "debug",
+                 "hparams_search")  # fmt: skip
+# Every option of every group, as `group=option`.
+CONFIG_OPTIONS = [
+    f"{group}={path.stem}"
+    for group in CONFIG_GROUPS
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -14,24 +14,14 @@ from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.module import ImageClassifier
 from cifar_cnn.training import build
 
-from .conftest import CONFIG_DIR, compose_in
-
-GROUPS = ("paths", "data", "model", "trainer", "callbacks", "logger", "experiment", "debug",
-          "hparams_search")  # fmt: skip
-
-
-OPTIONS = [
-    f"{group}={path.stem}"
-    for group in GROUPS
-    for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
-]
+from .conftest import CONFIG_DIR, CONFIG_GROUPS, CONFIG_OPTIONS, compose_in
 
 
 def test_every_group_has_an_option() -> None:
-    assert {option.split("=")[0] for option in OPTIONS} == set(GROUPS)
+    assert {option.split("=")[0] for option in CONFIG_OPTIONS} == set(CONFIG_GROUPS)
 
 
-@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("option", CONFIG_OPTIONS)
 def test_config_option_composes_and_builds(
     option: str, compose_config: Callable[..., DictConfig]
 ) -> None:

@@ -49,10 +49,16 @@ def run_eval(run_dir: Path, data_dir: Path, cache_dir: Path, out: Path, *overrid
 
 
 def test_eval_reproduces_the_training_run_and_writes_its_report(
-    trained_run: tuple[Path, dict], data_dir: Path, cache_dir: Path, tmp_path: Path
+    trained_run: tuple[Path, dict],
+    data_dir: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     run_dir, trained = trained_run
-    report = run_eval(run_dir, data_dir, cache_dir, tmp_path)
+    with caplog.at_level(logging.INFO, logger="cifar_cnn.evaluation"):
+        report = run_eval(run_dir, data_dir, cache_dir, tmp_path)
+    assert f"Writing to {tmp_path}" in caplog.text
 
     assert report["checkpoint"] == trained["best_checkpoint"]
     assert report["accuracy"] == pytest.approx(trained["test/acc"], abs=1e-4)

@@ -180,7 +180,7 @@ def test_train_py_runs_quietly_and_saves_its_config(
     for epoch in ("epoch 000 (1/2)  train/loss_epoch", "epoch 001 (2/2)  train/loss_epoch"):
         assert output.count(epoch) == 1
         assert epoch in (run_dir / "train.log").read_text()
-    assert "Test accuracy" in output
+    assert "Test accuracy" in output and f"Run folder {run_dir}" in output
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "metrics.json").is_file()
 

@@ -11,17 +11,7 @@ from cifar_cnn.errors import UserError
 from cifar_cnn.training import train
 from cifar_cnn.validation import check_lr_takes_effect, validate
 
-from .conftest import CONFIG_DIR
-
-GROUPS = ("paths", "data", "model", "trainer", "callbacks", "logger", "experiment", "debug",
-          "hparams_search")  # fmt: skip
-
-
-OPTIONS = [
-    f"{group}={path.stem}"
-    for group in GROUPS
-    for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
-]
+from .conftest import CONFIG_OPTIONS
 
 
 @pytest.mark.parametrize(
@@ -143,7 +133,7 @@ def test_the_lr_check_reads_override_keys_with_their_prefixes(
 
 
 def test_the_shipped_configs_pass_validation(compose_config: Callable[..., DictConfig]) -> None:
-    for option in OPTIONS:
+    for option in CONFIG_OPTIONS:
         cfg = compose_config(option)
         if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
             cfg = compose_config(option, "trainer.accelerator=cpu")  # refused here: no GPU
