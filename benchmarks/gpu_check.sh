@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/README.md in one run on a lent H100/H200 (the `device` tool's
-# `run`, carry: ["gpu_payload"]); 510 s on an H100 (run 5 of benchmarks/README.md), run
-# with timeout_s 580. At most 8 files come back
-# from $OUT: the rest stays in /tmp, and the log has it. Prepare the payload here first:
-#   bash benchmarks/gpu_check.sh --prepare
-# Its image holds torch, Lightning, torchmetrics and TensorBoard but no Hydra nor Optuna (Hydra
-# then prints that our search plugin could not be imported, and goes on): the Hydra wheels
-# travel in gpu_payload/, with the JPEG data set as one gzipped tar (../shared does not travel;
-# gzip takes the 89 MB tar of 60,000 small files to 20 MB).
+# The GPU measurements of benchmarks/README.md in one run.
+#
+# Needs a machine with a CUDA GPU where torch, Lightning, torchmetrics and TensorBoard are
+# installed; no network and no copy of the data there. Hydra, OmegaConf and airbench need not
+# be installed: their wheels come in the payload, with the JPEG data set packed as one
+# gzipped tar (60,000 small files copy and unpack faster as one file). Optuna is not needed:
+# Hydra says that the project's search plugin could not be imported, and goes on.
+#
+# 1. Where the data is (../shared/cifar10-jpg) and pip can download, make the payload, the
+#    git-ignored folder gpu_payload/:
+#      bash benchmarks/gpu_check.sh --prepare
+# 2. On the GPU machine, in a copy of the repository that holds gpu_payload/:
+#      OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
+#    The results go to the folder OUT (default /tmp/gpu_out): log.txt (the whole log, written
+#    as the run goes), each sweep's summary.csv and each benchmark's JSON. Everything else
+#    (data, sweeps, evaluation, profiles) stays under /tmp; the log has what matters of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAYLOAD=gpu_payload
@@ -25,7 +32,7 @@ fi
 
 OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT" /tmp/data
-exec > >(tee "$OUT/log.txt") 2>&1  # the whole log comes back, also when the run is cut short
+exec > >(tee "$OUT/log.txt") 2>&1  # the whole log, also of a run stopped before its end
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$PAYLOAD"/wheels/*
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 tar -C /tmp/data -xzf "$PAYLOAD/cifar10-jpg.tar.gz"
@@ -43,7 +50,7 @@ fast_seeds() {  # a name, then overrides: three seeds in one process (one start-
     cat "/tmp/sweeps/$name/summary.md" && cp "/tmp/sweeps/$name/summary.csv" "$OUT/$name.csv" || true
 }
 
-run_and_eval_figures() {  # a run folder, then eval.py's: both test figures, all digits
+run_and_eval_metrics() {  # a run folder, then eval.py's: both test metrics, all digits
     python3 - "$1/metrics.json" "$2/metrics.json" <<'PY'
 import json, sys
 run, evaluation = (json.load(open(path)) for path in sys.argv[1:])
@@ -52,17 +59,16 @@ print("test acc, loss: the run's", run["test/acc"], run["test/loss"],
 PY
 }
 
-# In order of what matters most, so that a run cut short by its time limit still brings the
-# first figures back (the log is copied as it is written).
+# In order of what matters most, so that a run stopped early still has the first results in
+# $OUT/log.txt (written as the run goes).
 fast_seeds fast
-# eval.py on the GPU in the precision the run trained in (bf16-mixed): seed 0's own figures.
+# eval.py on the GPU in the precision the run trained in (bf16-mixed): seed 0's own metrics.
 python3 eval.py ckpt_path=/tmp/sweeps/fast/0 hydra.run.dir=/tmp/eval0 > /tmp/eval0.log 2>&1 &&
-    run_and_eval_figures /tmp/sweeps/fast/0 /tmp/eval0 || tail -20 /tmp/eval0.log
+    run_and_eval_metrics /tmp/sweeps/fast/0 /tmp/eval0 || tail -20 /tmp/eval0.log
 # airbench's own code on the same data, three seeds: the yardstick for the line above.
-# (A payload prepared before it was added lacks its wheel: --prepare again.)
 python3 benchmarks/airbench_reference.py --runs 3 --output "$OUT/airbench.json" 2>&1 | tail -5 ||
     echo "airbench_reference.py failed; the measurements below go on"
-# The seed config against the plain loop, both data paths side by side, with Lightning's own
+# The tutorial config against the plain loop, both data paths side by side, with Lightning's own
 # per-step cost and the module's; then the fast recipe's loop.
 python3 benchmarks/step_overhead.py --device cuda --epochs 3 --rounds 2 \
     --output "$OUT/overhead.json" 2>&1 | tail -9
@@ -75,9 +81,9 @@ profile_counts() {  # a profile's JSON: each path's operations, launches, waits,
 for path in ('reference', 'project'): print(path, details[path]['profile'])" "$1"
 }
 python3 benchmarks/train_speed.py --device cuda --epochs 2 --steps 100 --profile \
-    --output /tmp/seed_profile.json data=cifar10_gpu 2>&1 | grep -v "^{" |
+    --output /tmp/tutorial_profile.json data=cifar10_on_device 2>&1 | grep -v "^{" |
     grep -E -A 21 "$PROFILE_TABLES"
-profile_counts /tmp/seed_profile.json
+profile_counts /tmp/tutorial_profile.json
 python3 benchmarks/train_speed.py --device cuda --epochs 2 --profile --precision bf16-mixed \
     --output /tmp/fast_profile.json experiment=fast 2>&1 | grep -v "^{" |
     grep -E -A 21 "$PROFILE_TABLES"
