@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -31,6 +32,11 @@ CONFIG_OPTIONS = [
 def pytest_configure(config: pytest.Config) -> None:
     register_resolvers()  # as the entry points do
     silence_known_warnings()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Workers share the cores: one thread each (and in the processes they start) instead
+        # of every worker's torch spinning a thread per core.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
