@@ -91,7 +91,7 @@ class FastCNN(nn.Module):
         x = self.stages(x)  # (N, 256, 3, 3)
         # Global max pool by a pooling op, whose backward routes through saved indices: the
         # backward of `amax` compares again with the maximum, and compiled under bf16 autocast
-        # that comparison can miss and divide by zero (NaN gradients; pytorch issue 186799).
+        # that comparison can miss and divide by zero (NaN gradients; pytorch/pytorch#186799).
         x = F.adaptive_max_pool2d(x, 1).flatten(1)  # (N, 256)
         return self.head(x) * self.logit_scale  # (N, classes)
 

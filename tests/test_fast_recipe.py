@@ -251,7 +251,7 @@ def test_the_fast_experiment_trains_compiled_in_bf16_and_its_checkpoint_loads_ea
     compose_config: Callable[..., DictConfig], tiny_data_dir: Path
 ) -> None:
     """With a global `amax` in FastCNN, inductor's backward under bf16 autocast gave NaN
-    gradients and the loss was NaN at step 2 (pytorch issue 186799)."""
+    gradients and the loss was NaN at step 2 (pytorch/pytorch#186799)."""
     cfg = compose_config(
         *tiny_fast_run(tiny_data_dir), "model.compile=true", "trainer.precision=bf16-mixed"
     )
