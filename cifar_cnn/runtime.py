@@ -8,18 +8,9 @@ import platform
 import warnings
 
 import torch
-from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator, XLAAccelerator
+from lightning.fabric.utilities.device_parser import _select_auto_accelerator
 
 log = logging.getLogger(__name__)
-
-
-def auto_accelerator() -> str:
-    """What Lightning's `accelerator="auto"` picks on this machine, in its order."""
-    for name, accelerator in (("tpu", XLAAccelerator), ("mps", MPSAccelerator),
-                              ("cuda", CUDAAccelerator)):  # fmt: skip
-        if accelerator.is_available():
-            return name
-    return "cpu"
 
 
 def default_precision(accelerator: str) -> str:
@@ -27,7 +18,7 @@ def default_precision(accelerator: str) -> str:
     (AVX512-BF16 or AMX), where it is the faster at the same accuracy; `32-true` elsewhere:
     other CPUs emulate bf16, and GPU runs keep float32 unless a recipe asks for bf16."""
     if accelerator == "auto":
-        accelerator = auto_accelerator()
+        accelerator = _select_auto_accelerator()  # Lightning's own pick: tpu, mps, cuda, cpu
     if accelerator != "cpu":
         return "32-true"
     # torch has no public test of these instructions; its own tests use these two.

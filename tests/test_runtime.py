@@ -23,7 +23,7 @@ def test_the_default_precision_is_bf16_autocast_on_cpus_that_compute_bf16(
     compose_config: Callable[..., DictConfig],
 ) -> None:
     auto = "cuda" if has_cuda else "cpu"  # what Lightning's accelerator=auto picks
-    monkeypatch.setattr(cifar_cnn.runtime, "auto_accelerator", lambda: auto)
+    monkeypatch.setattr(cifar_cnn.runtime, "_select_auto_accelerator", lambda: auto)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     on_cpu = "bf16-mixed" if avx512_bf16 or amx else "32-true"
@@ -32,7 +32,7 @@ def test_the_default_precision_is_bf16_autocast_on_cpus_that_compute_bf16(
     for accelerator in ("cuda", "gpu", "mps", "tpu"):
         composed = compose_config(f"trainer.accelerator={accelerator}")
         assert composed.trainer.precision == "32-true"
-    monkeypatch.setattr(cifar_cnn.runtime, "auto_accelerator", lambda: "tpu")
+    monkeypatch.setattr(cifar_cnn.runtime, "_select_auto_accelerator", lambda: "tpu")
     assert compose_config().trainer.precision == "32-true"  # XLA takes no bf16-mixed
     assert compose_config("trainer=ddp_cpu").trainer.precision == on_cpu
     assert compose_config("trainer.precision=16-mixed").trainer.precision == "16-mixed"
