@@ -4,7 +4,7 @@ python train.py                                   # the tutorial: 10 epochs, bat
 python train.py trainer=gpu data.batch_size=128   # override any config value
 python train.py debug=fast_dev_run                # one batch of each stage, no checkpoint
 python train.py -m model.optimizer.lr=1e-3,3e-4   # a sweep: one run folder per job
-python train.py <its overrides> ckpt_path=outputs/runs/<run>   # continue a stopped run
+python train.py ckpt_path=outputs/runs/<run>     # continue a stopped run, as it was started
 """
 
 import hydra
@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from cifar_cnn.errors import exit_on_user_error
 from cifar_cnn.jobs import train_in_sweep
 from cifar_cnn.resolvers import register_resolvers
+from cifar_cnn.resume import continued_config
 from cifar_cnn.runtime import silence_known_warnings
 from cifar_cnn.training import train
 
@@ -26,7 +27,7 @@ def main(cfg: DictConfig) -> float:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return train_in_sweep(cfg, script=__file__)
     with exit_on_user_error():
-        metrics = train(cfg)
+        metrics = train(continued_config(cfg) if cfg.get("ckpt_path") else cfg)
     return metrics[cfg.optimized_metric]
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from cifar_cnn.errors import StoppedBySignal, UserError
 from cifar_cnn.files import read_record
+from cifar_cnn.resume import continued_config
 from cifar_cnn.training import train
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def train_in_sweep(cfg: DictConfig, script: str) -> float:
             log.info("This job's folder holds %s: continuing from it", own_checkpoint)
             with open_dict(cfg):
                 cfg.ckpt_path = str(own_checkpoint)
+            cfg = continued_config(cfg)  # the job's recorded config, its overrides on top
         if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
             _ddp_processes_join_this_job(cfg, script)
         return _metric(train(cfg), cfg.optimized_metric)

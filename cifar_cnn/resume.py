@@ -1,11 +1,13 @@
-"""Stopping and resuming a run: `python train.py <its overrides> ckpt_path=<run folder>`.
+"""Continuing a run: `python train.py ckpt_path=<run folder>` (stopping it: stopping.py).
 
 The contract:
 - A checkpoint holds the weights, the optimizer and schedule, Lightning's loop counters, the
   callbacks' state (best checkpoint, lookahead average), torch's random state (RandomState),
   the epoch's training metrics so far, the run's precision, the trainer settings its schedule
-  was laid out over, and a digest of its validation images.
-- A resume continues in the run's own folder, from its `last.ckpt`, and refuses up front,
+  was laid out over, a digest of its validation images, and the run's config (RunConfig).
+- A resume runs the run's own config, with the command line's overrides on top and this
+  machine's `paths`; it prints each setting they change.
+- It continues in the run's own folder, from its `last.ckpt`, and refuses up front,
   before any file of the run is touched: other model or data settings (but those of place
   and speed), other data (another validation split), another length of a scheduled run, and
   a run that has already reached its end. It keeps the run's precision unless told one.
@@ -16,29 +18,28 @@ The contract:
   logged again, and a run moved to other hardware or library versions computes otherwise.
 """
 
-import json
+import dataclasses
 import logging
-import math
 import os
-import shlex
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import HydraException
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from cifar_cnn import steps
 from cifar_cnn.checkpoints import read_checkpoint, validation_digest
-from cifar_cnn.errors import StoppedBySignal, UserError
+from cifar_cnn.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 # and torch's fused Adam then mixes up elements of the two layouts.)
 DATA_PLACES = ("data_dir", "cache_dir", "download", "eval_batch_size", "on_device")
 MODEL_SPEED = ("compile",)
+RUN_CONFIG = "run_config"  # the checkpoint's record of the run's config (RunConfig)
 
 
 def resumed_run(checkpoint: str | Path) -> Path | None:
@@ -71,8 +73,31 @@ def config_subfolder(checkpoint: str | None) -> str:
     return ".hydra"
 
 
+def continued_config(cfg: DictConfig) -> DictConfig:
+    """What `python train.py ckpt_path=<run> <overrides>` runs: the run's own config with
+    those overrides on top (Resume.continued), as Hydra received them."""
+    hydra = HydraConfig.get()
+    return Resume(cfg.ckpt_path).continued(cfg, hydra.overrides.task, hydra.runtime.choices)
+
+
+class RunConfig(Callback):
+    """Keeps the run's config (unresolved: `${...}` resolve again where the run goes on) and
+    its config groups' choices in each checkpoint: what a continued run starts from."""
+
+    def __init__(self, cfg: DictConfig, choices: Mapping[str, str | None]) -> None:
+        self.record = {
+            "config": OmegaConf.to_container(cfg, resolve=False),
+            "choices": _task_choices(choices),
+        }
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[RUN_CONFIG] = self.record
+
+
 class Resume:
-    """The checkpoint a run continues from, and the checks it must pass first."""
+    """The checkpoint a run continues from, its config, and the checks it must pass first."""
 
     def __init__(self, ckpt_path: str) -> None:
         run = resumed_run(ckpt_path)
@@ -82,8 +107,70 @@ class Resume:
                 "(outputs/runs/<run>) or its checkpoints/last.ckpt; to start a new run from "
                 "other weights, load them in code"
             )
+        self.run = run
         self.checkpoint = run / "checkpoints" / "last.ckpt"
         self.saved = read_checkpoint(self.checkpoint)
+
+    def recorded(self) -> tuple[dict[str, Any], dict[str, str | None]]:
+        """The run's config and config-group choices, as its checkpoint records them (the
+        settings it last trained with); for a checkpoint saved without RunConfig, as Hydra
+        recorded the run's start in its .hydra/ folder."""
+        record = self.saved.get(RUN_CONFIG)
+        if record is not None:
+            return record["config"], record["choices"]
+        hydra_dir = self.run / ".hydra"
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"))
+            hydra = OmegaConf.load(hydra_dir / "hydra.yaml").hydra
+        except (OSError, OmegaConfBaseException) as error:
+            raise UserError(
+                f"cannot resume from {self.checkpoint}: it holds no record of the run's "
+                f"config, and {hydra_dir} has none that reads ({error}); start a new run"
+            ) from error
+        return config, _task_choices(OmegaConf.to_container(hydra.runtime.choices))
+
+    def continued(
+        self, cfg: DictConfig, overrides: Sequence[str], choices: Mapping[str, str | None]
+    ) -> DictConfig:
+        """The run's own config with `overrides` (a command line's, Hydra's grammar) on top,
+        and the paths of `cfg`, the config composed now (this machine's places). `choices`
+        are the config groups that `cfg` was composed from: a group override must pick the
+        run's own option (its settings are in the run's config already). The settings that
+        the overrides change are logged."""
+        config, run_choices = self.recorded()
+        applied = []
+        for override in OverridesParser.create().parse_overrides(list(overrides)):
+            key = override.key_or_group
+            if key == "ckpt_path":
+                continue
+            if key in choices:
+                own = run_choices.get(key)
+                if override.value() != own:
+                    raise UserError(
+                        f"cannot continue {self.run} with {override.input_line}: the run was "
+                        f"composed with {key}={'null' if own is None else own}, and a continued "
+                        f"run keeps its own settings. Override single ones ({key}.<key>=...), or "
+                        "start a new run"
+                    )
+                continue
+            if override.is_add():  # the run's config holds what its own `+key=...` added
+                override = dataclasses.replace(override, type=OverrideType.FORCE_ADD)
+            if override.is_delete() and OmegaConf.select(OmegaConf.create(config), key) is None:
+                continue  # deleted in the run already
+            applied.append(override)
+        continued = OmegaConf.create(config)
+        continued.paths = OmegaConf.to_container(cfg.paths, resolve=False)
+        continued.ckpt_path = cfg.ckpt_path
+        OmegaConf.set_struct(continued, True)  # as Hydra composes: `key=` sets known keys only
+        try:  # Hydra's own rules for `key=`, `+key=`, `++key=` and `~key`
+            ConfigLoaderImpl._apply_overrides_to_config(applied, continued)
+        except HydraException as error:
+            raise UserError(f"cannot continue {self.run}: {error}") from error
+        now = OmegaConf.to_container(continued, resolve=False)
+        for key, (then, to) in sorted(_paired(_settings(config), _settings(now)).items()):
+            if then != to:
+                log.info("Continuing with %s %s -> %s", key, then, to)
+        return continued
 
     def keep_precision(self, cfg: DictConfig) -> bool:
         """The run goes on in the precision it trained in, unless the command or an experiment
@@ -122,11 +209,10 @@ class Resume:
             key: pair for key, pair in sorted(_paired(then, now).items()) if pair[0] != pair[1]
         }
         if differences:
-            overrides = self.checkpoint.parent.parent / ".hydra" / "overrides.yaml"
             raise UserError(
                 f"cannot resume from {self.checkpoint}: it was trained with other settings "
-                f"({_listed(differences)}). "
-                f"{_how_to_resume(differences)} (the run's overrides: {overrides})"
+                f"({_listed(differences)}). A continued run takes the run's own settings back: "
+                "leave out the overrides that change them, or start a new run"
             )
 
     def _check_same_schedule(self, trainer: L.Trainer) -> None:
@@ -135,20 +221,17 @@ class Resume:
         laid_out_by = self.saved.get("schedule_laid_out_by") or {}
         now = steps.run_length_settings(trainer)
         differences = {
-            key: (value, now[key]) for key, value in laid_out_by.items() if now[key] != value
+            # processes: trainer.devices x trainer.num_nodes
+            ("processes" if key == "processes" else f"trainer.{key}"): (value, now[key])
+            for key, value in laid_out_by.items()
+            if now[key] != value
         }
         if differences:
-            again = [
-                f"++trainer.{key}={then}"
-                if key != "processes"  # not a trainer key
-                else f"{then} processes (trainer.devices x trainer.num_nodes)"
-                for key, (then, _) in differences.items()
-            ]
             raise UserError(
                 f"cannot resume from {self.checkpoint}: its model.scheduler was laid out over "
-                f"the run's length, and these trainer settings change it "
-                f"({_listed(differences)}). A schedule's length is fixed when the run starts: "
-                f"resume with {' '.join(again)}, or start a new run"
+                f"the run's length, and these settings change it ({_listed(differences)}). A "
+                "schedule's length is fixed when the run starts: leave out the overrides that "
+                "change it, or start a new run"
             )
 
     def _check_unfinished(self, trainer: L.Trainer) -> None:
@@ -188,30 +271,18 @@ class Resume:
             )
 
 
+def _task_choices(choices: Mapping[str, str | None]) -> dict[str, str | None]:
+    """The choices of the run's own config groups, not of Hydra's (hydra/launcher, ...)."""
+    return {group: option for group, option in choices.items() if not group.startswith("hydra/")}
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings, less those of place (paths) and the checkpoint it continues from."""
+    return {key: value for key, value in config.items() if key not in ("paths", "ckpt_path")}
+
+
 def _listed(differences: dict[str, tuple[Any, Any]]) -> str:  # "key is a there, b now; ..."
     return "; ".join(f"{key} is {a!r} there, {b!r} now" for key, (a, b) in differences.items())
-
-
-def _how_to_resume(differences: dict[str, tuple[Any, Any]]) -> str:
-    """Hydra overrides that give the checkpoint's settings again: `++key=value`, or `~key` where
-    the checkpoint has none (its default applied). Plain values only."""
-    overrides = []
-    for key, (then, now) in differences.items():
-        items = then if isinstance(then, list) else [then]
-        if now is None or not all(_plain(item) for item in items):
-            return "Give the run's own overrides again"
-        rendered = f"~{key}" if then is None else f"++{key}={json.dumps(then)}"
-        overrides.append(shlex.quote(rendered))
-    return "Resume with: " + " ".join(overrides)
-
-
-def _plain(value: Any) -> bool:
-    """A value that JSON writes as Hydra reads it back."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, str):
-        return value.isascii() and not set(value) & set("\\'\"$")
-    return value is None or isinstance(value, bool | int)
 
 
 def _paired(then: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple]:
@@ -224,120 +295,6 @@ def _paired(then: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict
         else:
             pairs[f"{prefix}{key}"] = (a, b)
     return pairs
-
-
-class GracefulStop(Callback):
-    """On SIGINT (Ctrl-C) or SIGTERM: finish the batch, save last.ckpt, stop with status 1.
-
-    The stop waits for a batch after which a resume is exact: one that steps the optimizer
-    (checkpoints keep no gradients) and that no mid-epoch validation follows. In an epoch's
-    last batch or its validation it stops at the epoch's end, with its validation and
-    checkpoints (Lightning would count an epoch saved at its last batch as done, and skip
-    that validation on resume). It runs after the other callbacks (`training.build`), so the
-    batch's state is theirs too. A second Ctrl-C stops at once, without saving.
-    """
-
-    def __init__(self) -> None:
-        self._received: str | None = None
-        self._previous: dict[signal.Signals, Any] = {}
-        self._stopped_at_epoch_end: str | None = None  # where, for on_train_end's message
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Here, not in on_fit_start: Lightning installs its own SIGTERM handler in between.
-        self._received = self._stopped_at_epoch_end = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._note)
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
-    ) -> None:  # fmt: skip
-        if self._received is None or batch_idx + 1 == trainer.num_training_batches:
-            return  # an epoch's last batch: on_train_epoch_end stops
-        exact = steps.steps_the_optimizer(trainer, batch_idx)
-        if not exact or steps.validates_after(trainer, batch_idx):
-            return  # a later batch stops
-        path = _save_last(trainer)
-        raise self._stopped(f"at step {trainer.global_step} (epoch {trainer.current_epoch})", path)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._received is None or not steps.may_stop_after_epoch(trainer):
-            return  # short of min_epochs or min_steps Lightning would go on: the next batch stops
-        if not steps.training_ends_after_epoch(trainer):
-            epoch, step = trainer.current_epoch, trainer.global_step
-            self._stopped_at_epoch_end = f"at the end of epoch {epoch} (step {step})"
-        # Training ends as by early stopping: the checkpoint callbacks, called after this one,
-        # still save the epoch; then on_train_end saves last.ckpt and raises.
-        trainer.should_stop = True
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
-        if self._stopped_at_epoch_end is not None:  # saved after the checkpoint callbacks'
-            raise self._stopped(self._stopped_at_epoch_end, _save_last(trainer))
-        if self._received is not None:  # came during the last epoch's end: training is done
-            raise StoppedBySignal(
-                f"stopped by {self._received} at the end of training; its checkpoints are "
-                "complete, the test was not run"
-            )
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self._restore()
-
-    def _stopped(self, where: str, checkpoint: Path) -> StoppedBySignal:
-        return StoppedBySignal(
-            f"stopped by {self._received} {where}; saved {checkpoint}. "
-            f"Continue with: {continue_command(checkpoint)}"
-        )
-
-    def _note(self, signum: int, frame: Any) -> None:
-        if self._received == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
-        self._received = signal.Signals(signum).name
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-
-def _save_last(trainer: L.Trainer) -> Path:
-    """Saves all of the run's state (weights, optimizer, loops) as last.ckpt."""
-    checkpoint = trainer.checkpoint_callback
-    folder = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
-    path = folder / "last.ckpt"
-    trainer.save_checkpoint(path, weights_only=False)
-    return path
-
-
-def continue_command(checkpoint: Path) -> str:
-    """The train.py command that resumes this run: its own overrides, and the checkpoint; for
-    a job of a sweep, the sweep's command again, into its folder (which goes on with it)."""
-    hydra = HydraConfig.get() if HydraConfig.initialized() else None
-    if hydra is not None and hydra.mode == RunMode.MULTIRUN:
-        sweep = Path(hydra.sweep.dir)
-        if not (sweep / "multirun.yaml").is_file():  # Optuna's sweeper writes none
-            return f"the search's command again (its study in {sweep} goes on)"
-        recorded = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides
-        launch = [
-            o for o in recorded.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))
-        ]
-        command = ["python", "train.py", "-m", *recorded.task, *launch, f"hydra.sweep.dir={sweep}"]
-        return shlex.join(command)
-    overrides = hydra.overrides.task if hydra is not None else []
-    kept = [o for o in overrides if not o.startswith("ckpt_path=")]
-    return shlex.join(["python", "train.py", *kept, f"ckpt_path={checkpoint}"])
-
-
-@contextmanager
-def stops_on_sigterm() -> Iterator[None]:
-    """Lightning ends a SIGTERM outside training (sanity check, test) with exit status 0;
-    make it a stop with a message and status 1. During training GracefulStop handles it."""
-    try:
-        yield
-    except SIGTERMException as error:
-        raise StoppedBySignal("stopped by SIGTERM outside training; nothing was saved") from error
 
 
 class RandomState(Callback):

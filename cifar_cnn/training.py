@@ -15,14 +15,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_cnn.provenance import provenance
-from cifar_cnn.resume import GracefulStop, Resume, stops_on_sigterm
+from cifar_cnn.resume import Resume, RunConfig
 from cifar_cnn.runtime import keep_freed_memory, skip_nvml_probe
+from cifar_cnn.stopping import GracefulStop, stops_on_sigterm
 from cifar_cnn.validation import RUN_METRICS, validate
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     skip_nvml_probe()
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
+    trainer.callbacks.append(RunConfig(cfg, resume.recorded()[1] if resume else _choices()))
     if resume:  # checked before the run's files are touched: a refusal loses nothing
         resume.check(datamodule, model, trainer)
     output_dir = Path(cfg.paths.output_dir)
@@ -117,6 +120,11 @@ def _end_process_group() -> None:
     tensors; pytorch/pytorch#190489)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _choices() -> dict[str, str | None]:
+    """The config groups' options that Hydra composed this run from."""
+    return HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
 
 
 def _hyperparameters(cfg: DictConfig) -> dict[str, Any]:

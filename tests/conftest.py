@@ -16,6 +16,7 @@ from PIL import Image
 from cifar_cnn.data import CLASSES, CIFAR10DataModule
 from cifar_cnn.data.sources import DATA_DIR_ENV
 from cifar_cnn.resolvers import register_resolvers
+from cifar_cnn.resume import continued_config
 from cifar_cnn.runtime import silence_known_warnings
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -88,7 +89,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compose_in(
     config_name: str, overrides: list[str], output_dir: Path, cache_dir: Path
 ) -> DictConfig:
-    """Composes conf/<config_name>.yaml as its entry point would, writing into output_dir."""
+    """Composes conf/<config_name>.yaml as its entry point would, writing into output_dir: a
+    training run with a ckpt_path continues that run's own config."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} as inside a real run
@@ -97,7 +99,7 @@ def compose_in(
         cfg.paths.log_dir = str(output_dir.parent / "outputs")
         cfg.paths.cache_dir = str(cache_dir)
         del cfg.hydra
-    return cfg
+    return continued_config(cfg) if config_name == "train" and cfg.ckpt_path else cfg
 
 
 @pytest.fixture

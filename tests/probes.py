@@ -1,6 +1,7 @@
 """Callbacks that tests add to real runs from the command line (`+callbacks.<name>._target_=`)."""
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ class ShardProbe(L.Callback):
 
 class InterruptAtStep(L.Callback):
     """Sends this process SIGINT (Ctrl-C) once training reaches `step`, at the batch `batch` of
-    the epoch if given (the batches of an accumulation window share a step)."""
+    the epoch if given (the batches of an accumulation window share a step). Not in a run's
+    continuation, whose config (the run's own) holds this callback too."""
 
     def __init__(self, step: int, batch: int | None = None) -> None:
         self.step = step
@@ -40,9 +42,26 @@ class InterruptAtStep(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
+        if trainer.ckpt_path is not None:
+            return
         if trainer.global_step == self.step and self.batch in (None, batch_idx):
             self.step = None  # once
             signal.raise_signal(signal.SIGINT)
+
+
+class KillAtStep(L.Callback):
+    """Kills this process with SIGKILL (as the kernel's OOM killer does) once training reaches
+    `step`; not in the run's continuation."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if trainer.ckpt_path is None and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordTraining(L.Callback):

@@ -128,3 +128,25 @@ def test_a_run_ends_its_process_group(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_ddp_run_continued_by_its_folder_alone_continues_in_every_process(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """The further process, started by Lightning with the command line, takes the run's own
+    config too: both train the continued run's epochs."""
+    run_dir = tmp_path / "run"
+    run_train(run_dir, cache_dir, tiny_data_dir, "trainer=ddp_cpu", "data.batch_size=10")
+    command = [sys.executable, str(ROOT / "train.py"), f"ckpt_path={run_dir}",
+               "trainer.max_epochs=3"]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 3
+    second = (run_dir / "train_ddp_process_1.log").read_text()
+    assert "Continuing with trainer.max_epochs 2 -> 3" in second
+    assert second.count("Continuing with") == 1  # data.batch_size: the run's 10, not 64

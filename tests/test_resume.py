@@ -1,6 +1,7 @@
 """Stopping and resuming: same folder, same settings, and exactly the same result."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -14,18 +15,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cifar_cnn.checkpoints import read_checkpoint
 from cifar_cnn.data import CIFAR10DataModule
-from cifar_cnn.errors import StoppedBySignal, TrainingStopped, UserError
+from cifar_cnn.errors import StoppedBySignal, UserError
 from cifar_cnn.module import ImageClassifier
-from cifar_cnn.resume import GracefulStop, Resume, continue_command
+from cifar_cnn.resume import Resume
 from cifar_cnn.training import train
 
-from .conftest import CONFIG_DIR, compose_in
+from .conftest import compose_in
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 
@@ -377,13 +376,14 @@ def test_resuming_with_other_settings_is_refused(
     records = {name: (run / name).read_text() for name in ("metrics.json", "run_info.json")}
     code, output = finish(
         train_py(
-            data, "trainer.max_epochs=2", f"ckpt_path={run}", cache_dir=cache_dir, cwd=tmp_path
+            "trainer.max_epochs=2", "model.optimizer.lr=1e-3", f"ckpt_path={run}",
+            cache_dir=cache_dir, cwd=tmp_path,
         )
-    )
+    )  # fmt: skip
     assert code == 1
     assert (
         "it was trained with other settings (model.optimizer.lr is 0.0003 there, 0.001 now)."
-        " Resume with: ++model.optimizer.lr=0.0003 (the run's overrides: " in output
+        " A continued run takes the run's own settings back: leave out the overrides" in output
     )
     assert "Traceback" not in output
     # The same settings, but the run has reached its max_epochs: Lightning would do nothing.
@@ -408,10 +408,10 @@ def test_a_scheduled_run_resumes_only_with_the_length_its_schedule_was_laid_out_
     folder = Path(stopped.paths.output_dir)
     last = (folder / "checkpoints" / "last.ckpt").read_bytes()
     longer = [*SIGNALLED, *run, "trainer.max_epochs=4", f"ckpt_path={folder}"]
-    with pytest.raises(UserError, match="max_epochs is 2 there, 4 now.*with ") as error:
+    with pytest.raises(UserError, match="trainer.max_epochs is 2 there, 4 now") as error:
         train(compose_in("train", longer, folder, cache_dir))
     assert "model.scheduler was laid out over the run's length" in str(error.value)
-    assert "resume with ++trainer.max_epochs=2, or start a new run" in str(error.value)
+    assert "leave out the overrides that change it, or start a new run" in str(error.value)
     assert (folder / "checkpoints" / "last.ckpt").read_bytes() == last
     same = [*SIGNALLED, *run, f"ckpt_path={folder}"]
     assert train(compose_in("train", same, folder, cache_dir))["status"] == "completed"
@@ -450,70 +450,98 @@ def test_a_resume_compares_what_the_run_learns_from_not_where_or_how_fast(
     compiled = ImageClassifier(net=net, optimizer=ADAM, compile=True)
     resume.check_same_settings(elsewhere, compiled)
 
-    # An optimizer argument the run's config left out (Adam's `fused`): `~key` gives it again.
+    # An optimizer argument the run's config left out (Adam's `fused`).
     fused = ImageClassifier(net=net, optimizer=ADAM | {"fused": True})
     with pytest.raises(UserError) as refused:
         resume.check_same_settings(datamodule, fused)
-    assert "(model.optimizer.fused is None there, True now). Resume with: " in str(refused.value)
-    assert "Resume with: '~model.optimizer.fused' (the run's overrides: " in str(refused.value)
-
-
-@pytest.mark.slow  # train.py processes, or the full data set
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_last_ckpt_and_exits_non_zero(
-    signum: signal.Signals, data_dir: Path, cache_dir: Path, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "run"
-    command = [
-        sys.executable, str(ROOT / "train.py"), f"data.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}", "trainer.accelerator=cpu", "trainer.max_epochs=50",
-        "+trainer.limit_train_batches=100", "+trainer.limit_val_batches=1",
-    ]  # fmt: skip
-    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
-    with subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as process:
-        for line in process.stdout:  # wait until training runs
-            if "epoch 000 (1/50)" in line:
-                break
-        process.send_signal(signum)
-        output = process.stdout.read()
-        assert process.wait(timeout=120) == 1, output
-    last = run_dir / "checkpoints" / "last.ckpt"
-    # Mid-epoch; or at the first epoch's end, when the signal beats GracefulStop's hook there.
-    assert f"stopped by {signum.name} at " in output and f"saved {last}" in output
-    assert "Traceback" not in output
-    checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint["global_step"] >= 100  # after the first epoch's 100 steps
-    assert not list(run_dir.glob("checkpoints/*.tmp"))
-
-
-def test_a_signal_during_the_last_validation_still_stops_with_a_message() -> None:
-    stop = GracefulStop()
-    stop._note(signal.SIGTERM, None)
-    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at the end of training"):
-        stop.on_train_end(trainer=None, pl_module=None)
-
-
-def test_a_stopped_sweep_job_names_the_sweeps_command_to_continue(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    (sweep / "multirun.yaml").write_text(
-        "hydra:\n  overrides:\n    hydra:\n    - hydra.mode=MULTIRUN\n"
-        f"    - hydra.sweep.dir={sweep}\n    - hydra/launcher=local\n"
-        "    task:\n    - model.optimizer.lr=1e-3,3e-4\n    - trainer.max_epochs=2\n"
+    assert (
+        "(model.optimizer.fused is None there, True now). A continued run takes the run's own "
+        "settings back: leave out the overrides that change them" in str(refused.value)
     )
-    overrides = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}", "model.optimizer.lr=1e-3"]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    previous = HydraConfig.instance().cfg
-    HydraConfig.instance().set_config(cfg)
-    try:
-        assert continue_command(sweep / "0" / "checkpoints" / "last.ckpt") == (
-            f"python train.py -m model.optimizer.lr=1e-3,3e-4 trainer.max_epochs=2 "
-            f"hydra/launcher=local hydra.sweep.dir={sweep}"
+
+
+@pytest.mark.slow  # train.py processes
+def test_a_killed_run_continued_by_its_folder_alone_trains_to_its_own_length(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Started with trainer.max_epochs=12 and killed in its third epoch, the run continued
+    with `ckpt_path=` alone trains to epoch 12 (not the default 10), as an uninterrupted run."""
+    run = [
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=16", "trainer.accelerator=cpu",
+        "trainer.max_epochs=12", "logger.tensorboard=null",
+    ]  # 5 steps an epoch  # fmt: skip
+    full = train_py(*run, f"paths.log_dir={tmp_path / 'full'}", cache_dir=cache_dir, cwd=tmp_path)
+    assert finish(full)[0] == 0
+    [full_run] = (tmp_path / "full" / "runs").iterdir()
+    kill = ["+callbacks.kill._target_=tests.probes.KillAtStep", "+callbacks.kill.step=12"]
+    cut = train_py(*run, *kill, f"paths.log_dir={tmp_path / 'cut'}", cache_dir=cache_dir,
+                   cwd=tmp_path)  # fmt: skip
+    assert finish(cut)[0] == -signal.SIGKILL
+    [cut_run] = (tmp_path / "cut" / "runs").iterdir()
+    assert torch.load(cut_run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+    code, output = finish(train_py(f"ckpt_path={cut_run}", cache_dir=cache_dir, cwd=tmp_path))
+    assert code == 0, output
+    assert "epoch 002 (3/12)" in output and "epoch 011 (12/12)" in output
+    assert "Continuing with" not in output  # no setting changed
+    assert metrics_of(cut_run)["epochs"] == metrics_of(full_run)["epochs"] == 12
+    expected, resumed = weights(full_run), weights(cut_run)
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+
+    # A checkpoint without its record of the config: Hydra's record of the run's start.
+    config, choices = Resume(str(cut_run)).recorded()
+    saved = torch.load(cut_run / "checkpoints" / "last.ckpt", weights_only=True)
+    del saved["run_config"]
+    torch.save(saved, cut_run / "checkpoints" / "last.ckpt")
+    started, started_choices = Resume(str(cut_run)).recorded()
+    assert started_choices == choices
+    assert started.pop("callbacks").pop("kill") and config.pop("callbacks").pop("kill")
+    for setting in ("paths", "ckpt_path"):  # this machine's places, and the continuation's
+        del started[setting], config[setting]
+    assert started == config
+
+
+def test_a_continued_run_takes_its_own_settings_back(
+    compose_config: Callable[..., DictConfig],
+    tiny_data_dir: Path,
+    cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run = [*SIGNALLED, f"data.data_dir={tiny_data_dir}", "trainer.max_epochs=1",
+           "model.optimizer.lr=3e-4", "+trainer.limit_val_batches=1",
+           "~callbacks.epoch_summary"]  # fmt: skip
+    cfg = compose_config(*run)
+    train(cfg)
+    folder = Path(cfg.paths.output_dir)
+
+    def continued(*overrides: str) -> DictConfig:
+        return compose_in("train", [f"ckpt_path={folder}", *overrides], folder, cache_dir)
+
+    # The run's own `+key=` given again, and a group at the run's own option, change nothing.
+    with caplog.at_level(logging.INFO, logger="cifar_cnn.resume"):
+        longer = continued(
+            "trainer.max_epochs=3", "+trainer.limit_val_batches=1", "model=tutorial_cnn"
         )
-        (sweep / "multirun.yaml").unlink()  # an Optuna search: its sweeper writes none
-        assert continue_command(sweep / "last.ckpt").startswith("the search's command again")
-    finally:
-        HydraConfig.instance().cfg = previous  # other tests' runs are not sweep jobs
+    assert [r.getMessage() for r in caplog.records if "Continuing" in r.getMessage()] == [
+        "Continuing with trainer.max_epochs 1 -> 3"
+    ]
+    assert longer.model.optimizer.lr == 3e-4 and longer.data.batch_size == 16
+    assert longer.logger.tensorboard is None and longer.trainer.limit_val_batches == 1
+    assert "epoch_summary" not in longer.callbacks
+    assert train(longer)["epochs"] == 3
+    # Its checkpoint now records 3 epochs: not the default 10, nor the first start's 1.
+    with pytest.raises(UserError, match="has already reached trainer.max_epochs=3: raise it"):
+        train(continued())
+
+    with pytest.raises(UserError, match="data.batch_size is 16 there, 32 now"):
+        train(continued("trainer.max_epochs=4", "data.batch_size=32"))
+    with pytest.raises(UserError, match="with data=cifar10_on_device: the run was composed "
+                       "with data=cifar10, and a continued run keeps"):  # fmt: skip
+        continued("data=cifar10_on_device")
+    with pytest.raises(UserError, match="debug=fast_dev_run: the run was composed with debug=null"):
+        continued("debug=fast_dev_run")
+    with pytest.raises(UserError, match="fast_dev_run .* does not go with ckpt_path"):
+        train(continued("+trainer.fast_dev_run=true"))
+    # A setting of today's config that the run has not (it deleted this one): Hydra's message.
+    with pytest.raises(UserError, match=f"cannot continue {folder}: Could not override 'callbacks"):
+        continued("callbacks.epoch_summary._target_=cifar_cnn.callbacks.EpochSummary")

@@ -87,7 +87,6 @@ from .conftest import CONFIG_OPTIONS
             "model.optimizer.lr has no effect: CyclicLR sets the learning rate itself "
             "(model.scheduler.max_lr=0.003)",
         ),
-        ("debug=fast_dev_run ckpt_path=outputs/runs/x", "does not go with ckpt_path"),
         pytest.param(
             "trainer=gpu",
             "trainer.accelerator=gpu, but this machine has no GPU that torch can use",
