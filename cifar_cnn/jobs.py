@@ -88,6 +88,7 @@ def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
 
 
 def _completed_record(cfg: DictConfig) -> dict[str, Any] | None:
-    """The metrics.json of the run in cfg's folder, if that run completed."""
+    """The metrics.json of the run in cfg's folder, if that run completed (or was pruned)."""
     record = read_record(Path(cfg.paths.output_dir) / "metrics.json")
-    return record if record is not None and record.get("status") == "completed" else None
+    finished = record is not None and record.get("status") in ("completed", "pruned")
+    return record if finished else None

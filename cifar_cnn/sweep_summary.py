@@ -58,7 +58,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rows = write_summary(Path(config.hydra.sweep.dir))
-        failed = [row["job"] for row in rows if row["status"] != "completed"]
+        failed = [row["job"] for row in rows if row["status"] not in ("completed", "pruned")]
         if failed:
             log.error(
                 "%d of %d jobs did not complete: %s", len(failed), len(rows), ", ".join(failed)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_cnn.provenance import provenance
+from cifar_cnn.pruning import PRUNED_AT_EPOCH, TrialPruning
 from cifar_cnn.resume import Resume, RunConfig
 from cifar_cnn.runtime import keep_freed_memory, skip_nvml_probe
 from cifar_cnn.stopping import GracefulStop, stops_on_sigterm
@@ -92,8 +93,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             model, datamodule, ckpt_path="best" if best else None, weights_only=True
         )
 
+    pruned_at = [c.pruned_at_epoch for c in trainer.callbacks if isinstance(c, TrialPruning)]
+    pruned = {PRUNED_AT_EPOCH: pruned_at[0]} if pruned_at and pruned_at[0] is not None else {}
     metrics = {
-        "status": "completed",
+        "status": "pruned" if pruned else "completed",
+        **pruned,
         "val/acc_best": val_acc_best,
         **{key: float(value) for key, value in test_metrics.items()},
         "epochs": trainer.current_epoch,

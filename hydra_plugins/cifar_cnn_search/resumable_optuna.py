@@ -1,13 +1,16 @@
-"""Hydra's Optuna sweeper, made resumable: rerunning a search continues its study.
+"""An Optuna sweeper for Hydra whose searches resume: rerunning a search continues its study.
 
-Hydra only loads sweepers from the `hydra_plugins` package, hence this module's place.
-Differences from `hydra_plugins.hydra_optuna_sweeper` (whose config and samplers it reuses):
+Hydra only loads sweepers from the `hydra_plugins` package, hence this module's place. Its
+config is conf/hydra/sweeper/optuna.yaml (samplers and pruners: the groups beside it); the
+search space, `hydra.sweeper.params`, is in Hydra's override grammar (search_space.py).
 - `n_trials` is the study's total: trials already finished count, so a search that died
   after 12 of 20 runs 8 more when started again with the same command.
 - A trial whose process died (Ctrl-C, SIGTERM, SIGKILL, a crash) is marked failed with the
   user attribute `interrupted` and does not count; the search asks for a new trial instead.
 - A trial that fails or returns NaN is recorded as failed and the search goes on, up to
   `max_failure_rate` of failed trials among all the study's finished trials.
+- With a pruner (`hydra/sweeper/pruner=median`), each trial's job reports its metric per
+  epoch to its trial (cifar_cnn/pruning.py) and stops when the pruner says so: PRUNED.
 - Samplers only: the grid sampler, which needs the whole space up front, is not supported
   (a plain multirun is the grid search).
 - Job folders are numbered by trial number, so a rerun never overwrites an earlier job and
@@ -18,25 +21,32 @@ import logging
 import math
 import os
 import socket
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_optuna_sweeper._impl import (
-    OptunaSweeperImpl,
-    create_params_from_overrides,
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import (
+    BaseDistribution,
+    _convert_old_distribution_to_new_distribution,
+    distribution_to_json,
+    json_to_distribution,
 )
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-from omegaconf import OmegaConf
-from optuna.distributions import distribution_to_json
+from optuna.exceptions import StorageInternalError
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_cnn.errors import UserError, exit_on_user_error
+from cifar_cnn.pruning import PRUNED_AT_EPOCH
 from cifar_cnn.sweep_summary import SEARCH_RECORD, write_summary
 from cifar_cnn.validation import check_lr_takes_effect, check_optimized_metric
+from hydra_plugins.cifar_cnn_search.search_space import search_space
 
 log = logging.getLogger(__name__)
 
@@ -45,39 +55,57 @@ INTERRUPTED = "interrupted"  # user attribute of a trial whose process died
 SEARCH = "search"  # study user attribute: the search space and fixed overrides
 
 
-class ResumableOptunaSweeper(OptunaSweeper):
-    """`hydra/sweeper=optuna` with `_target_` set to this class (see conf/hparams_search/)."""
+class ResumableOptunaSweeper(Sweeper):
+    """`hydra/sweeper=optuna` (conf/hydra/sweeper/optuna.yaml)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        self.sweeper = _ResumableSweeperImpl(**kwargs)
+    def __init__(
+        self,
+        sampler: optuna.samplers.BaseSampler,
+        direction: str,
+        storage: str | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        params: DictConfig | None = None,
+        pruner: optuna.pruners.BasePruner | None = None,
+    ) -> None:
+        self.sampler = sampler
+        self.pruner = pruner
+        self.direction = direction
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
+        self.params = params or {}
 
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
+        self.sweep_dir = config.hydra.sweep.dir
 
-class _ResumableSweeperImpl(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         with exit_on_user_error():
             self._sweep(arguments)
 
     def _sweep(self, arguments: list[str]) -> None:
-        self._process_searchspace_config()
-        distributions, fixed = create_params_from_overrides(
-            self._parse_sweeper_params_config() + list(arguments)
-        )
-        distributions = (self.search_space_distributions or {}) | distributions
-        for name in fixed:
+        params = [f"{name}={value}" for name, value in self.params.items()]
+        distributions, fixed = search_space(params + list(arguments))
+        for name in fixed:  # a command line's `key=value` holds a searched key fixed
             distributions.pop(name, None)
         # Refused here, not in each trial: every one of them would fail.
         check_lr_takes_effect(self.config, distributions.keys() | fixed.keys())
         check_optimized_metric(self.config)
-        _check_direction(self.config.optimized_metric, self._get_directions())
+        _check_direction(self.config.optimized_metric, self.direction)
 
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)  # SQLite's file lives there
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            sampler=self.sampler,
-            directions=self._get_directions(),
-            load_if_exists=True,
-        )
+        study = _open_study(self.study_name, self.storage, self.sampler, self.pruner,
+                            self.direction)  # fmt: skip
         search = {
             "space": {name: distribution_to_json(d) for name, d in sorted(distributions.items())},
             "fixed": {name: str(value) for name, value in sorted(fixed.items())},
@@ -93,15 +121,16 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
             self.sampler.reseed_rng()
             log.info("Continuing study %s: %d of %d trials done", study.study_name, done,
                      self.n_trials)  # fmt: skip
-        log.info("Study %s in %s, sampler %s", study.study_name, self.storage,
-                 type(self.sampler).__name__)  # fmt: skip
+        pruner = type(self.pruner).__name__ if self.pruner else "none"
+        log.info("Study %s in %s, sampler %s, pruner %s", study.study_name, self.storage,
+                 type(self.sampler).__name__, pruner)  # fmt: skip
 
         try:
             while (to_go := self.n_trials - len(_counted(study))) > 0:
                 trials = [study.ask() for _ in range(min(self.n_jobs, to_go))]
                 for trial in trials:
                     trial.set_user_attr(WORKER, _this_worker())
-                overrides = self._configure_trials(trials, distributions, fixed)
+                overrides = [self._trial_overrides(t, distributions, fixed) for t in trials]
                 for trial, result in zip(trials, self._launch(trials, overrides), strict=True):
                     _tell(study, trial, result)
                 self._check_failure_rate(study)
@@ -111,6 +140,22 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
                 write_summary(Path(self.sweep_dir))
             raise
         self._save_results(study)
+
+    def _trial_overrides(
+        self, trial: optuna.Trial, distributions: dict[str, BaseDistribution], fixed: dict
+    ) -> list[str]:
+        """The job's overrides: the trial's suggestions, the fixed ones, and with a pruner the
+        callback that reports to this trial (in the job's config, so that its DDP processes
+        have it too)."""
+        suggested = {name: trial._suggest(name, d) for name, d in distributions.items()}
+        overrides = [f"{name}={value}" for name, value in (suggested | fixed).items()]
+        if self.pruner is not None:
+            overrides += [
+                "+callbacks.trial_pruning._target_=cifar_cnn.pruning.TrialPruning",
+                f"+callbacks.trial_pruning.trial={trial.number}",
+                "+callbacks.trial_pruning.monitor=${optimized_metric}",
+            ]
+        return overrides
 
     def _launch(
         self, trials: list[optuna.Trial], overrides: Sequence[Sequence[str]]
@@ -154,14 +199,39 @@ class _ResumableSweeperImpl(OptunaSweeperImpl):
         )
 
 
-def _check_direction(metric: str, directions: list[str]) -> None:
+def _check_direction(metric: str, direction: str) -> None:
     """A loss is minimised, an accuracy maximised: the search's direction must agree."""
     wanted = "minimize" if metric.endswith("loss") else "maximize"
-    if [direction.lower() for direction in directions] != [wanted]:
+    if str(direction).lower() != wanted:
         raise UserError(
             f"optimized_metric={metric} is to be {wanted}d, but hydra.sweeper.direction="
-            f"{','.join(directions)}: set hydra.sweeper.direction={wanted}"
+            f"{direction}: set hydra.sweeper.direction={wanted}"
         )
+
+
+def _open_study(
+    name: str | None,
+    storage: str | None,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner | None,
+    direction: str,
+) -> optuna.Study:
+    """The search's study, created on its first run. A database that an older Optuna set up
+    (the searches of optuna 2) is refused with the command that upgrades it, not upgraded
+    behind the user's back: once upgraded, the older Optuna cannot open it."""
+    try:
+        return optuna.create_study(
+            study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+            direction=direction, load_if_exists=True,
+        )  # fmt: skip
+    except (RuntimeError, StorageInternalError) as error:
+        if "optuna storage upgrade" not in str(error):
+            raise
+        raise UserError(
+            f"the study database {storage} was set up by an older Optuna: upgrade it (back it "
+            f"up first; older Optuna cannot read it after) with: optuna storage upgrade "
+            f"--storage {storage}"
+        ) from error
 
 
 def _check_same_search(study: optuna.Study, search: dict[str, dict[str, str]]) -> None:
@@ -175,7 +245,7 @@ def _check_same_search(study: optuna.Study, search: dict[str, dict[str, str]]) -
         f"{part} {name}: {recorded[part].get(name)} before, {search[part].get(name)} now"
         for part in ("space", "fixed")
         for name in sorted(recorded[part].keys() | search[part].keys())
-        if recorded[part].get(name) != search[part].get(name)
+        if _meaning(part, recorded[part].get(name)) != _meaning(part, search[part].get(name))
     ]
     if differences:
         raise UserError(
@@ -185,8 +255,19 @@ def _check_same_search(study: optuna.Study, search: dict[str, dict[str, str]]) -
         )
 
 
+def _meaning(part: str, value: str | None) -> Any:
+    """A recorded distribution as the distribution it is: a study of optuna 2 recorded the
+    same space under the old names (LogUniformDistribution for a log FloatDistribution)."""
+    if part != "space" or value is None:
+        return value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old names are deprecated
+        return _convert_old_distribution_to_new_distribution(json_to_distribution(value))
+
+
 def _tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn) -> None:
-    """Completes the trial with the job's value, or fails it (an exception, NaN, no value)."""
+    """Completes the trial with the job's value; prunes it when its job was pruned; fails it
+    on an exception, NaN or no value."""
     try:
         value = float(result.return_value)  # raises the job's own exception, if any
         if math.isnan(value):
@@ -194,6 +275,11 @@ def _tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn) -> None:
     except Exception as error:
         study.tell(trial, state=TrialState.FAIL)
         log.warning("Trial %d failed: %s", trial.number, error)
+        return
+    reported = study._storage.get_trial(trial._trial_id).user_attrs
+    if PRUNED_AT_EPOCH in reported:  # the job's TrialPruning stopped it
+        study.tell(trial, state=TrialState.PRUNED)
+        log.info("Trial %d pruned after epoch %d", trial.number, reported[PRUNED_AT_EPOCH])
         return
     study.tell(trial, value)
 
