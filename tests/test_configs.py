@@ -4,6 +4,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import optuna
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -83,3 +84,21 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
     cfg = compose_in("eval", ["ckpt_path=model.ckpt"], tmp_path / "eval", cache_dir)
     assert isinstance(instantiate(cfg.data), CIFAR10DataModule)
     assert (cfg.split, cfg.predict, cfg.device) == ("test", None, "auto")
+
+
+SWEEPER_OPTIONS = [
+    f"hydra/sweeper/{group}={path.stem}"
+    for group in ("sampler", "pruner")
+    for path in sorted((CONFIG_DIR / "hydra" / "sweeper" / group).glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("option", SWEEPER_OPTIONS)
+def test_every_sampler_and_pruner_of_a_search_builds(option: str) -> None:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=tutorial_cnn", option],
+                      return_hydra_config=True)  # fmt: skip
+    group, name = option.removeprefix("hydra/sweeper/").split("=")
+    built = instantiate(cfg.hydra.sweeper[group])
+    base = optuna.samplers.BaseSampler if group == "sampler" else optuna.pruners.BasePruner
+    assert isinstance(built, base) and name in type(built).__name__.lower()

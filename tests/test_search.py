@@ -2,6 +2,8 @@
 the same command continues it toward n_trials, whatever stopped it."""
 
 import csv
+import gzip
+import json
 import os
 import shutil
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from hydra_plugins.cifar_cnn_search.resumable_optuna import (
     _mark_interrupted,
     _this_worker,
 )
+
+from .test_pruning import ALWAYS_PRUNE
 
 pytestmark = pytest.mark.slow  # every test runs searches of train.py processes
 
@@ -247,3 +252,111 @@ def test_two_workers_share_one_study_on_a_database_server(
     assert len({t.user_attrs["worker"] for t in study}) == 2  # both took trials
     assert job_folders(tmp_path) == sorted(str(t.number) for t in study)
     assert not (tmp_path / SEARCH / "optuna.db").exists()  # the study is on the server
+
+
+def test_pruned_trials_end_pruned_and_a_rerun_counts_them_as_done(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    command = search_command(
+        tiny_data_dir, 3, "trainer.max_epochs=3", f"+hydra.sweeper.pruner={ALWAYS_PRUNE}"
+    )
+    run_search(tmp_path, cache_dir, command)
+    study = trials(tmp_path)
+    assert [t.state for t in study] == [TrialState.PRUNED] * 3
+    for trial in study:
+        metrics = json.loads((tmp_path / SEARCH / str(trial.number) / "metrics.json").read_text())
+        assert (metrics["status"], metrics["pruned_at_epoch"], metrics["epochs"]) == (
+            "pruned",
+            1,
+            2,
+        )
+        assert trial.intermediate_values[1] == metrics["val/acc_best"]
+    summary = (tmp_path / SEARCH / "summary.md").read_text()
+    assert summary.count(" | pruned | ") == 3
+
+    result = run_search(tmp_path, cache_dir, command)
+    assert "Continuing study tutorial_cnn: 3 of 3 trials done" in result.stdout + result.stderr
+    assert job_folders(tmp_path) == ["0", "1", "2"]
+
+
+def test_a_ddp_trial_is_pruned_in_every_process(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """The first process reports and asks; the other stops with it (or the job would hang)."""
+    command = search_command(
+        tiny_data_dir, 1, "trainer=ddp_cpu", "data.batch_size=10", "trainer.max_epochs=3",
+        f"+hydra.sweeper.pruner={ALWAYS_PRUNE}",
+    )  # fmt: skip
+    run_search(tmp_path, cache_dir, command)
+    [trial] = trials(tmp_path)
+    assert trial.state == TrialState.PRUNED and sorted(trial.intermediate_values) == [0, 1]
+    metrics = json.loads((tmp_path / SEARCH / "0" / "metrics.json").read_text())
+    assert (metrics["status"], metrics["epochs"]) == ("pruned", 2)
+
+
+def test_a_study_of_optuna_2_is_refused_until_upgraded_then_continues(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """tests/fixtures/optuna-2.10-study.db.gz: a 2-trial search of this project's sweeper on
+    optuna 2.10 and SQLAlchemy 1.4, run as this test's command runs it (`data.data_dir`
+    relative to the search's folder)."""
+    assert tiny_data_dir == tmp_path / "tiny-cifar"
+    database = tmp_path / SEARCH / "optuna.db"
+    database.parent.mkdir(parents=True)
+    with gzip.open(ROOT / "tests/fixtures/optuna-2.10-study.db.gz") as old:
+        database.write_bytes(old.read())
+    saved = database.read_bytes()
+    command = search_command(Path("tiny-cifar"), 3, "trainer.max_epochs=1")
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    upgrade = f"optuna storage upgrade --storage sqlite:///{SEARCH / 'optuna.db'}"
+    assert refused.returncode == 1
+    assert "was set up by an older Optuna: upgrade it" in refused.stderr + refused.stdout
+    assert upgrade in refused.stderr + refused.stdout and "Traceback" not in refused.stderr
+    assert database.read_bytes() == saved  # untouched
+
+    optuna_command = Path(sys.executable).parent / "optuna"
+    subprocess.run([str(optuna_command), *upgrade.split()[1:]], cwd=tmp_path, check=True)
+    run_search(tmp_path, cache_dir, command)
+    study = trials(tmp_path)
+    assert [t.state for t in study] == [TrialState.COMPLETE] * 3  # the old 2, and one more
+    assert job_folders(tmp_path) == ["2"]  # the old trials' folders were not copied along
+
+
+def test_the_dashboard_serves_a_studys_trials(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="tutorial_cnn", storage=storage, direction="maximize")
+    for value in (0.5, 0.7):
+        study.tell(study.ask(), value)
+    pruned = study.ask()
+    pruned.report(0.1, step=0)
+    study.tell(pruned, state=TrialState.PRUNED)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    server = subprocess.Popen(
+        [str(dashboard), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        studies = _get_json(f"http://127.0.0.1:{port}/api/studies", server)["study_summaries"]
+        [summary] = [s for s in studies if s["study_name"] == "tutorial_cnn"]
+        detail = _get_json(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", server)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert [t["state"] for t in detail["trials"]] == ["Complete", "Complete", "Pruned"]
+    assert [t["values"] for t in detail["best_trials"]] == [[0.7]]
+
+
+def _get_json(url: str, server: subprocess.Popen) -> dict:
+    """The JSON at `url`, once the server answers (it takes a moment to start)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "no dashboard"
+            time.sleep(0.2)

@@ -5,7 +5,7 @@ parser; each sweep becomes the distribution of the values Hydra gives it:
 - `choice(a, b, ...)` and `shuffle(range(...))`: a categorical distribution;
 - `range(start, stop, step)`: the values of Python's range, as an int (or float) distribution
   with that step;
-- `interval(low, high)`: a float distribution (ints if both ends are ints), and
+- `interval(low, high)`: a float distribution (Hydra's intervals are floats), and
   `tag(log, interval(low, high))` its log scale.
 Anything else is a fixed override, passed to every trial as it is.
 """
@@ -38,10 +38,7 @@ def distribution(override: Override) -> BaseDistribution:
     """Optuna's distribution for one sweep override."""
     sweep = override.value()
     if isinstance(sweep, IntervalSweep):
-        log = "log" in sweep.tags
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
-            return IntDistribution(sweep.start, sweep.end, log=log)
-        return FloatDistribution(sweep.start, sweep.end, log=log)
+        return FloatDistribution(sweep.start, sweep.end, log="log" in sweep.tags)
     values = list(override.sweep_iterator(transformer=Transformer.encode))
     if isinstance(sweep, RangeSweep) and not sweep.shuffle:
         numbers: list[Any] = list(override.sweep_iterator())
