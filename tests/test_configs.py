@@ -83,3 +83,9 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
     cfg = compose_in("eval", ["ckpt_path=model.ckpt"], tmp_path / "eval", cache_dir)
     assert isinstance(instantiate(cfg.data), CIFAR10DataModule)
     assert (cfg.split, cfg.predict, cfg.device) == ("test", None, "auto")
+
+
+def test_export_config_composes(cache_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_in("export", ["ckpt_path=model.ckpt"], tmp_path / "export", cache_dir)
+    assert isinstance(instantiate(cfg.data), CIFAR10DataModule)
+    assert (cfg.format, cfg.tta) == ("onnx", True)
