@@ -12,7 +12,8 @@ onnx and onnxruntime come with the optional `export` extra: they are imported wh
 import json
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,8 @@ OPSET = 20
 TOLERANCE = 1e-4
 CHECK_BATCH_SIZES = (1, 7)
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# The exporter's graph passes log every step at INFO: their news, not the export's.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir")
 
 
 class DeployableNet(nn.Module):
@@ -99,7 +102,7 @@ def export_onnx(net: nn.Module, example: Tensor, path: Path, source: Path) -> No
     """`net` as an ONNX file with a dynamic batch dimension, its weights inside the file."""
     batch = torch.export.Dim("batch")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _logs_at_warning(*EXPORTER_LOGGERS):
             warnings.simplefilter("ignore")  # the exporter's notes on its own internals
             torch.onnx.export(
                 net, (example,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -257,6 +260,20 @@ def onnx_modules() -> tuple[ModuleType, ModuleType]:
             f"ONNX models need the optional packages of the `export` extra ({error.name} is "
             "missing): pip install -e '.[export]'"
         ) from error
+
+
+@contextmanager
+def _logs_at_warning(*names: str) -> Iterator[None]:
+    """The loggers `names` pass only warnings and errors within the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _first_line(error: Exception) -> str:
