@@ -1,4 +1,4 @@
-"""export.py's code path on briefly trained runs of both nets, checked on the real test set."""
+"""export.py's code path on briefly trained runs of both nets, checked on real test images."""
 
 import json
 import shutil
@@ -66,7 +66,7 @@ def runs(
 
 
 @pytest.fixture(scope="module")
-def test_images(real_subset: Path, cache_dir: Path) -> torch.Tensor:
+def subset_images(real_subset: Path, cache_dir: Path) -> torch.Tensor:
     datamodule = CIFAR10DataModule(real_subset, cache_dir)
     datamodule.prepare_data()
     datamodule.setup()
@@ -90,8 +90,8 @@ def eager_logits(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow  # the ONNX exporter takes seconds a net
 @pytest.mark.parametrize("net", NETS)
 def test_onnx_export_matches_pytorch_and_describes_its_input(
-    net: str, runs: dict[str, Path], test_images: torch.Tensor, real_subset: Path, cache_dir: Path,
-    tmp_path: Path,
+    net: str, runs: dict[str, Path], subset_images: torch.Tensor, real_subset: Path,
+    cache_dir: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     description = run_export(runs[net], real_subset, cache_dir, tmp_path)
     assert json.loads((tmp_path / "model.json").read_text()) == description
@@ -113,7 +113,7 @@ def test_onnx_export_matches_pytorch_and_describes_its_input(
     session = onnxruntime.InferenceSession(tmp_path / "model.onnx")
     assert session.get_inputs()[0].shape == ["batch", 3, 32, 32]
     for size in (1, 7):
-        images = test_images[40 : 40 + size]
+        images = subset_images[40 : 40 + size]
         (exported,) = session.run(None, {"images": images.numpy()})
         assert exported.dtype == "float32" and exported.shape == (size, 10)
         expected = eager_logits(runs[net], images)
@@ -122,8 +122,8 @@ def test_onnx_export_matches_pytorch_and_describes_its_input(
 
 @pytest.mark.parametrize("net", NETS)
 def test_torchscript_export_matches_pytorch(
-    net: str, runs: dict[str, Path], test_images: torch.Tensor, real_subset: Path, cache_dir: Path,
-    tmp_path: Path,
+    net: str, runs: dict[str, Path], subset_images: torch.Tensor, real_subset: Path,
+    cache_dir: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     description = run_export(runs[net], real_subset, cache_dir, tmp_path, "format=torchscript")
     assert description["file"] == "model.pt" and "opset" not in description
@@ -131,21 +131,21 @@ def test_torchscript_export_matches_pytorch(
 
     loaded = torchscript_runner(tmp_path / "model.pt")
     for size in (1, 7):
-        images = test_images[80 : 80 + size]
+        images = subset_images[80 : 80 + size]
         with torch.inference_mode():
             exported = loaded(images)
         assert exported.sub(eager_logits(runs[net], images)).abs().max() <= 1e-4
 
 
 def test_test_time_augmentation_can_be_left_out(
-    runs: dict[str, Path], test_images: torch.Tensor, real_subset: Path, cache_dir: Path,
+    runs: dict[str, Path], subset_images: torch.Tensor, real_subset: Path, cache_dir: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     description = run_export(runs["fast"], real_subset, cache_dir, tmp_path, "format=torchscript",
                              "tta=false")  # fmt: skip
     assert description["test_time_augmentation"] == {"flip": False, "translate": False}
     net = load_checkpoint(resolve_checkpoint(runs["fast"])).model.net
-    images = test_images[:7]
+    images = subset_images[:7]
     with torch.inference_mode():
         one_pass = net(images.float() / 255)
         exported = torchscript_runner(tmp_path / "model.pt")(images)
