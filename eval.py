@@ -3,6 +3,7 @@
 python eval.py ckpt_path=outputs/runs/<run>                   # its best checkpoint, test set
 python eval.py ckpt_path=path/to/model.ckpt split=val         # any checkpoint, validation set
 python eval.py ckpt_path=outputs/runs/<run> predict=photos/   # classify image files
+python eval.py ckpt_path=<export>/model.onnx predict=photos/  # with export.py's model
 """
 
 import hydra

@@ -26,7 +26,8 @@ from torchmetrics.classification import (
 from cifar_cnn.checkpoints import load_checkpoint, resolve_checkpoint
 from cifar_cnn.data import CLASSES
 from cifar_cnn.errors import UserError
-from cifar_cnn.prediction import predict_files, predict_logits
+from cifar_cnn.export import OnnxClassifier
+from cifar_cnn.prediction import checkpoint_classifier, predict_files, predict_logits
 from cifar_cnn.validation import validate
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = _device(cfg.device)
     checkpoint = resolve_checkpoint(cfg.ckpt_path)
     log.info("Checkpoint %s", checkpoint)
+    if checkpoint.suffix == ".onnx":
+        return _predict_exported(cfg, checkpoint)
     model, data_settings, trained_in, validation_digest = load_checkpoint(checkpoint)
     model = _in_precision(model, cfg.precision or trained_in, device)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("Writing to %s", output_dir)
     if cfg.predict not in (None, ""):  # a path, though Hydra reads predict=2024 as a number
-        rows = predict_files(model, Path(str(cfg.predict)), output_dir / "predictions.csv", device)
+        classify = checkpoint_classifier(model, device)
+        rows = predict_files(classify, Path(str(cfg.predict)), output_dir / "predictions.csv")
         return {"predictions": len(rows)}
     if cfg.split not in ("test", "val"):
         raise UserError(f"split={cfg.split} is not a split: use split=test or split=val")
@@ -83,6 +87,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         writer.add_scalar(f"{cfg.split}/acc", report["accuracy"])
         writer.add_scalar(f"{cfg.split}/loss", report["loss"])
     return report
+
+
+def _predict_exported(cfg: DictConfig, model_path: Path) -> dict[str, Any]:
+    """`predict=` with a model that export.py wrote, run by onnxruntime on the CPU."""
+    if cfg.predict in (None, ""):
+        raise UserError(
+            f"ckpt_path={model_path} is an exported model: eval.py classifies image files with "
+            "it (predict=<image or folder>); test a split with the checkpoint it came from"
+        )
+    classify = OnnxClassifier(model_path)
+    log.info("Running the exported model in onnxruntime on the CPU, in float32")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Writing to %s", output_dir)
+    rows = predict_files(classify, Path(str(cfg.predict)), output_dir / "predictions.csv")
+    return {"predictions": len(rows)}
 
 
 def classification_report(logits: Tensor, labels: Tensor) -> dict[str, Any]:

@@ -78,19 +78,9 @@ class ImageClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         if self.training:
             return self.net(images)  # (N, classes)
-        logits = self._mirrored(images)
-        if self.hparams.translate_tta:  # airbench: half the image, a quarter each 1-pixel shift
-            padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-            shifted = (padded[:, :, :-2, :-2], padded[:, :, 2:, 2:])
-            logits = logits / 2 + sum(self._mirrored(x) for x in shifted) / 4
-        return logits
-
-    def _mirrored(self, images: Tensor) -> Tensor:
-        """The net's logits, averaged with its mirror image's when `flip_tta` is on."""
-        logits = self.net(images)
-        if self.hparams.flip_tta:
-            logits = (logits + self.net(images.flip(3))) / 2
-        return logits
+        return augmented_logits(
+            self.net, images, flip=self.hparams.flip_tta, translate=self.hparams.translate_tta
+        )
 
     def on_train_start(self) -> None:
         # Lightning skips on_train_epoch_start when it resumes a run mid-epoch: that epoch's
@@ -223,6 +213,27 @@ class ImageClassifier(L.LightningModule):
         chosen = {id(p) for p in norm_biases}
         others = [p for p in self.parameters() if id(p) not in chosen]
         return [{"params": others}, {"params": norm_biases}]
+
+
+def augmented_logits(net: nn.Module, images: Tensor, flip: bool, translate: bool) -> Tensor:
+    """The net's logits with test-time augmentation: averaged with the mirror image's (`flip`)
+    and, with `translate`, also over the image shifted by one pixel up and left and by one
+    down and right. A function of the net alone, so that an exported model (cifar_cnn/export.py)
+    computes what ImageClassifier does in eval mode."""
+    logits = _mirrored(net, images, flip)
+    if translate:  # airbench: half the image, a quarter each 1-pixel shift
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        shifted = (padded[:, :, :-2, :-2], padded[:, :, 2:, 2:])
+        logits = logits / 2 + sum(_mirrored(net, x, flip) for x in shifted) / 4
+    return logits
+
+
+def _mirrored(net: nn.Module, images: Tensor, flip: bool) -> Tensor:
+    """The net's logits, averaged with its mirror image's when `flip` is on."""
+    logits = net(images)
+    if flip:
+        logits = (logits + net(images.flip(3))) / 2
+    return logits
 
 
 class MeanLoss(MeanMetric):

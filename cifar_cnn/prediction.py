@@ -2,6 +2,8 @@
 
 import csv
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,11 @@ def predict_logits(
     return torch.cat([model(to_float_images(batch.to(device))).float().cpu() for batch in batches])
 
 
+def checkpoint_classifier(model: nn.Module, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """`model` (taking floats in [0, 1]) as `predict_files` takes it: uint8 images to logits."""
+    return partial(predict_logits, model, batch_size=BATCH_SIZE, device=device)
+
+
 def load_image_file(path: Path) -> Tensor:
     """An image file as a uint8 (3, 32, 32) tensor, like the CIFAR-10 training images.
 
@@ -44,11 +51,13 @@ def load_image_file(path: Path) -> Tensor:
 
 
 def predict_files(
-    model: nn.Module, source: Path, csv_path: Path, device: torch.device
+    classify: Callable[[Tensor], Tensor], source: Path, csv_path: Path
 ) -> list[list[str]]:
     """Classifies `source` (a file, or every file below a folder); writes `csv_path`.
 
-    Files that are not images are reported by name and skipped.
+    `classify` maps uint8 images (N, 3, 32, 32) to logits on the CPU: a checkpoint's model
+    (`checkpoint_classifier`) or an exported one (`cifar_cnn.export.OnnxClassifier`). Files
+    that are not images are reported by name and skipped.
     """
     if not source.exists():
         raise UserError(f"predict={source} does not exist")
@@ -65,7 +74,7 @@ def predict_files(
     if not readable:
         raise UserError(f"none of the {len(files)} files in {source} is a readable image")
 
-    probabilities = predict_logits(model, torch.stack(images), BATCH_SIZE, device).softmax(dim=1)
+    probabilities = classify(torch.stack(images)).softmax(dim=1)
     top = probabilities.topk(TOP_K, dim=1)
     rows = [
         [str(path)]

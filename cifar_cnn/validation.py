@@ -71,6 +71,7 @@ SWITCHES = (
     "model.translate_tta",
     "model.optimizer.nesterov",
     "model.optimizer.fused",
+    "tta",  # export.py's
 )
 # null: the run's seed; Lightning's default (1000 epochs, or none with trainer.max_steps);
 # torch's choice; the run's own precision (eval.py).

@@ -154,3 +154,24 @@ def test_airbench_reference_writes_the_cache_as_airbench_reads_it(
                zip(train["images"], train["labels"], strict=True)]  # fmt: skip
     assert sorted(written) == sorted(label_of.items())
     assert train["labels"].tolist() != cache["train_labels"].tolist()  # not class by class
+
+
+def test_export_speed_smoke_run_measures_both_nets_and_formats(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "export.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "export_speed.py"), "--images", "16",
+               "--batch-size", "8", "--rounds", "1", "--output", str(output),
+               f"data.data_dir={tiny_data_dir}"]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == json.loads(output.read_text())
+    assert summary["images"] == 16 and set(summary["nets"]) == {"tutorial", "fast"}
+    for net in summary["nets"].values():
+        assert set(net["images_per_s"]) == {"pytorch", "onnxruntime", "torchscript"}
+        assert min(net["file_mb"].values()) > 0.5 and min(net["export_s"].values()) > 0
+        assert max(net["max_abs_logit_difference"].values()) <= 1e-4
+    assert summary["nets"]["fast"]["passes_per_image"] == 6
+    assert "ort/pt" in result.stdout

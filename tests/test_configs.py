@@ -86,6 +86,12 @@ def test_eval_config_composes(cache_dir: Path, tmp_path: Path) -> None:
     assert (cfg.split, cfg.predict, cfg.device) == ("test", None, "auto")
 
 
+def test_export_config_composes(cache_dir: Path, tmp_path: Path) -> None:
+    cfg = compose_in("export", ["ckpt_path=model.ckpt"], tmp_path / "export", cache_dir)
+    assert isinstance(instantiate(cfg.data), CIFAR10DataModule)
+    assert (cfg.format, cfg.tta) == ("onnx", True)
+
+
 SWEEPER_OPTIONS = [
     f"hydra/sweeper/{group}={path.stem}"
     for group in ("sampler", "pruner")

@@ -1,5 +1,6 @@
 import csv
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,11 @@ from PIL import Image
 from cifar_cnn.data import CLASSES
 from cifar_cnn.errors import UserError
 from cifar_cnn.nets import TutorialCNN
-from cifar_cnn.prediction import load_image_file, predict_files
+from cifar_cnn.prediction import checkpoint_classifier, load_image_file, predict_files
+
+
+def classifier() -> Callable[[torch.Tensor], torch.Tensor]:
+    return checkpoint_classifier(TutorialCNN(), torch.device("cpu"))
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -75,7 +80,7 @@ def test_folder_predictions_skip_what_is_not_an_image(
     csv_path = tmp_path / "predictions.csv"
 
     with caplog.at_level(logging.INFO):
-        rows = predict_files(TutorialCNN(), folder, csv_path, torch.device("cpu"))
+        rows = predict_files(classifier(), folder, csv_path)
     skips = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(skips) == 1 and f"skipped {folder / 'notes.txt'}" in skips[0]
 
@@ -93,6 +98,6 @@ def test_folder_predictions_skip_what_is_not_an_image(
 def test_empty_or_missing_sources_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="is an empty folder"):
-        predict_files(TutorialCNN(), tmp_path / "empty", tmp_path / "p.csv", torch.device("cpu"))
+        predict_files(classifier(), tmp_path / "empty", tmp_path / "p.csv")
     with pytest.raises(UserError, match="does not exist"):
-        predict_files(TutorialCNN(), tmp_path / "gone", tmp_path / "p.csv", torch.device("cpu"))
+        predict_files(classifier(), tmp_path / "gone", tmp_path / "p.csv")
