@@ -193,7 +193,7 @@ def describe(
             "layout": "NCHW",
             "channels": "RGB",
             "shape": ["batch", channels, height, width],
-            "preprocessing": "none: the model scales to [0, 1] and normalises itself",
+            "preprocessing": "none: the model scales to [0, 1] (and normalises if its net does)",
         },
         "output": {
             "name": OUTPUT_NAME,

@@ -101,6 +101,12 @@ class Resume:
 
     def __init__(self, ckpt_path: str) -> None:
         run = resumed_run(ckpt_path)
+        if run is None and (Path(ckpt_path).expanduser() / ".hydra").is_dir():
+            raise UserError(
+                f"cannot resume from {ckpt_path}: the run has no checkpoints/last.ckpt, as it "
+                "stopped before its first epoch ended; there is nothing to continue, start it "
+                "anew"
+            )
         if run is None:
             raise UserError(
                 f"cannot resume from {ckpt_path}: ckpt_path takes a run folder "
@@ -149,8 +155,8 @@ class Resume:
                     raise UserError(
                         f"cannot continue {self.run} with {override.input_line}: the run was "
                         f"composed with {key}={'null' if own is None else own}, and a continued "
-                        f"run keeps its own settings. Override single ones ({key}.<key>=...), or "
-                        "start a new run"
+                        "run keeps its own settings: override single keys instead (for example "
+                        "trainer.max_epochs=20), or start a new run"
                     )
                 continue
             if override.is_add():  # the run's config holds what its own `+key=...` added

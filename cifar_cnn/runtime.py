@@ -98,9 +98,6 @@ def silence_known_warnings() -> None:
     )
     # Our batches are slices of in-memory tensors: loader worker processes would only add cost.
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
-    # optuna 2.10 (the Hydra sweeper's) uses SQLAlchemy 1.4 APIs, pinned below 2 in pyproject.toml;
-    # SQLAlchemy's own switch for its "not compatible with 2.0" notice, read when it is imported.
-    os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
     # An advertisement for a hosted service, printed at every Trainer start.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_TIP_FILTER)
     # Two ModelCheckpoints (the best; last.ckpt): "best" is the first's, as train.py intends.

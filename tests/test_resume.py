@@ -545,3 +545,14 @@ def test_a_continued_run_takes_its_own_settings_back(
     # A setting of today's config that the run has not (it deleted this one): Hydra's message.
     with pytest.raises(UserError, match=f"cannot continue {folder}: Could not override 'callbacks"):
         continued("callbacks.epoch_summary._target_=cifar_cnn.callbacks.EpochSummary")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_has_nothing_to_continue(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "runs" / "2026-01-01_00-00-00_1"
+    (run / ".hydra").mkdir(parents=True)
+    with pytest.raises(UserError, match="stopped before its first epoch ended; there is nothing"):
+        Resume(str(run))
+    with pytest.raises(UserError, match="ckpt_path takes a run folder"):
+        Resume(str(tmp_path / "elsewhere"))
