@@ -175,3 +175,21 @@ def test_export_speed_smoke_run_measures_both_nets_and_formats(
         assert max(net["max_abs_logit_difference"].values()) <= 1e-4
     assert summary["nets"]["fast"]["passes_per_image"] == 6
     assert "ort/pt" in result.stdout
+
+
+def test_search_pruning_smoke_run_compares_two_searches(
+    tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "search_pruning.py"), "--trials", "2",
+               "--epochs", "2", "--", "trainer.accelerator=cpu",
+               "logger.tensorboard=null"]  # fmt: skip
+    env = {**os.environ, "CIFAR10_DIR": str(tiny_data_dir), "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["trials"], summary["epochs"]) == (2, 2)
+    for search in ("none", "median"):  # the median pruner waits for 5 trials: none pruned
+        figures = summary[search]
+        assert (figures["complete"], figures["pruned"], figures["epochs_trained"]) == (2, 0, 4)
+        assert figures["wall_time_s"] > 0
+    assert isinstance(summary["wall_time_saved"], float)
