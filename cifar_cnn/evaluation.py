@@ -3,6 +3,7 @@
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return _predict_exported(cfg, checkpoint)
     model, data_settings, trained_in, validation_digest = load_checkpoint(checkpoint)
     model = _in_precision(model, cfg.precision or trained_in, device)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log.info("Writing to %s", output_dir)
     if cfg.predict not in (None, ""):  # a path, though Hydra reads predict=2024 as a number
-        classify = checkpoint_classifier(model, device)
-        rows = predict_files(classify, Path(str(cfg.predict)), output_dir / "predictions.csv")
-        return {"predictions": len(rows)}
+        return _write_predictions(cfg, checkpoint_classifier(model, device))
+    output_dir = _output_dir(cfg)
     if cfg.split not in ("test", "val"):
         raise UserError(f"split={cfg.split} is not a split: use split=test or split=val")
 
@@ -98,11 +95,21 @@ def _predict_exported(cfg: DictConfig, model_path: Path) -> dict[str, Any]:
         )
     classify = OnnxClassifier(model_path)
     log.info("Running the exported model in onnxruntime on the CPU, in float32")
+    return _write_predictions(cfg, classify)
+
+
+def _write_predictions(cfg: DictConfig, classify: Callable[[Tensor], Tensor]) -> dict[str, Any]:
+    """predictions.csv for the image files of `predict=`, in the evaluation's folder."""
+    csv_path = _output_dir(cfg) / "predictions.csv"
+    return {"predictions": len(predict_files(classify, Path(str(cfg.predict)), csv_path))}
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    """The evaluation's folder, made and logged."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("Writing to %s", output_dir)
-    rows = predict_files(classify, Path(str(cfg.predict)), output_dir / "predictions.csv")
-    return {"predictions": len(rows)}
+    return output_dir
 
 
 def classification_report(logits: Tensor, labels: Tensor) -> dict[str, Any]:

@@ -7,6 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# The statuses of a run's metrics.json once it has trained to its end: completed, or stopped
+# by a search's pruner (its metrics stand as a trial's result).
+FINISHED = ("completed", "pruned")
+
 
 @contextmanager
 def written_then_renamed(path: Path) -> Iterator[Path]:

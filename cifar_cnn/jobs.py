@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict, read_write
 
 from cifar_cnn.errors import StoppedBySignal, UserError
-from cifar_cnn.files import read_record
+from cifar_cnn.files import FINISHED, read_record
 from cifar_cnn.resume import continued_config
 from cifar_cnn.training import train
 
@@ -90,5 +90,4 @@ def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
 def _completed_record(cfg: DictConfig) -> dict[str, Any] | None:
     """The metrics.json of the run in cfg's folder, if that run completed (or was pruned)."""
     record = read_record(Path(cfg.paths.output_dir) / "metrics.json")
-    finished = record is not None and record.get("status") in ("completed", "pruned")
-    return record if finished else None
+    return record if record is not None and record.get("status") in FINISHED else None

@@ -144,6 +144,7 @@ class Resume:
         run's own option (its settings are in the run's config already). The settings that
         the overrides change are logged."""
         config, run_choices = self.recorded()
+        continued = OmegaConf.create(config)
         applied = []
         for override in OverridesParser.create().parse_overrides(list(overrides)):
             key = override.key_or_group
@@ -161,10 +162,9 @@ class Resume:
                 continue
             if override.is_add():  # the run's config holds what its own `+key=...` added
                 override = dataclasses.replace(override, type=OverrideType.FORCE_ADD)
-            if override.is_delete() and OmegaConf.select(OmegaConf.create(config), key) is None:
+            if override.is_delete() and OmegaConf.select(continued, key) is None:
                 continue  # deleted in the run already
             applied.append(override)
-        continued = OmegaConf.create(config)
         continued.paths = OmegaConf.to_container(cfg.paths, resolve=False)
         continued.ckpt_path = cfg.ckpt_path
         OmegaConf.set_struct(continued, True)  # as Hydra composes: `key=` sets known keys only

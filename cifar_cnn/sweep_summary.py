@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_cnn.files import read_record
+from cifar_cnn.files import FINISHED, read_record
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rows = write_summary(Path(config.hydra.sweep.dir))
-        failed = [row["job"] for row in rows if row["status"] not in ("completed", "pruned")]
+        failed = [row["job"] for row in rows if row["status"] not in FINISHED]
         if failed:
             log.error(
                 "%d of %d jobs did not complete: %s", len(failed), len(rows), ", ".join(failed)

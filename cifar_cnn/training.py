@@ -93,8 +93,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             model, datamodule, ckpt_path="best" if best else None, weights_only=True
         )
 
-    pruned_at = [c.pruned_at_epoch for c in trainer.callbacks if isinstance(c, TrialPruning)]
-    pruned = {PRUNED_AT_EPOCH: pruned_at[0]} if pruned_at and pruned_at[0] is not None else {}
+    pruned_at = next(
+        (c.pruned_at_epoch for c in trainer.callbacks if isinstance(c, TrialPruning)), None
+    )
+    pruned = {} if pruned_at is None else {PRUNED_AT_EPOCH: pruned_at}
     metrics = {
         "status": "pruned" if pruned else "completed",
         **pruned,

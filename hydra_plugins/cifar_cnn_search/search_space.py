@@ -39,10 +39,10 @@ def distribution(override: Override) -> BaseDistribution:
     sweep = override.value()
     if isinstance(sweep, IntervalSweep):
         return FloatDistribution(sweep.start, sweep.end, log="log" in sweep.tags)
-    values = list(override.sweep_iterator(transformer=Transformer.encode))
     if isinstance(sweep, RangeSweep) and not sweep.shuffle:
         numbers: list[Any] = list(override.sweep_iterator())
         if all(isinstance(number, int) for number in numbers):
             return IntDistribution(numbers[0], numbers[-1], step=int(sweep.step))
         return FloatDistribution(numbers[0], numbers[-1], step=sweep.step)
-    return CategoricalDistribution(values)  # choice, or a shuffled range
+    # choice, or a shuffled range
+    return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
