@@ -1,4 +1,5 @@
-"""Callbacks that watch every run: one log line per epoch, and a stop on a diverging loss.
+"""Callbacks that watch every run (one log line per epoch, a stop on a diverging loss), and
+the exponential moving average of the weights that a recipe may add.
 
 The callbacks that stopping and resuming need live in resume.py, the fast recipe's in
 fast_recipe.py.
@@ -10,7 +11,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 
 from cifar_cnn.errors import TrainingStopped
 
@@ -106,3 +108,21 @@ class FiniteLoss(Callback):
             f"with learning rate {lr:g}: training cannot recover from that; try a smaller "
             "model.optimizer.lr"
         )
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights (`decay` per optimizer step):
+    validation, checkpoints and so the test of the best checkpoint, eval.py and `predict=` see
+    the average; training goes on with the current weights, which checkpoints keep beside it
+    for resumes.
+
+    One change to Lightning's callback: it puts a checkpoint's current weights back into the
+    module whenever its average exists, so `trainer.test(ckpt_path="best")` after fit would
+    test the best epoch's current weights. Here they come back only when fit resumes.
+    """
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

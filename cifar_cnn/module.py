@@ -126,9 +126,11 @@ class ImageClassifier(L.LightningModule):
         last batch: torchmetrics updates and `self.log` calls at every step cost more host time
         than a small net's whole step (the GPU syncs in benchmarks/README.md's log).
         """
-        images, labels = batch
+        images, targets = batch  # (N,) classes; or (N, classes) probabilities: MixUp, CutMix
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        # A mixed image counts as its dominant class: the one that makes up more of it.
+        labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
         correct = (logits.detach().argmax(dim=1) == labels).sum()
         self._epoch_loss_sum += loss.detach()
         self._epoch_correct += correct

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -100,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         "status": "pruned" if pruned else "completed",
         **pruned,
+        **_stopped_early(trainer),
         "val/acc_best": val_acc_best,
         **{key: float(value) for key, value in test_metrics.items()},
         "epochs": trainer.current_epoch,
@@ -117,6 +119,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("Test accuracy %.4f (checkpoint %s)", metrics["test/acc"], best or "last weights")
     _end_process_group()
     return metrics
+
+
+def _stopped_early(trainer: L.Trainer) -> dict[str, int]:
+    """`stopped_early_at_epoch`: the last epoch trained when an EarlyStopping callback ended
+    the run before trainer.max_epochs; nothing otherwise."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch:
+            return {"stopped_early_at_epoch": callback.stopped_epoch}
+    return {}
 
 
 def _end_process_group() -> None:

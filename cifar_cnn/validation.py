@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_cnn.data.augmentation import require_v2_transform
 from cifar_cnn.errors import UserError
 
 ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
@@ -52,6 +53,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.scheduler.peak_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "model.scheduler.start_factor": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "model.scheduler.end_factor": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    "callbacks.ema.decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "callbacks.early_stopping.patience": (
+        lambda v: isinstance(v, int) and v >= 0,
+        "a whole number >= 0",
+    ),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
     "trainer.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
@@ -96,6 +102,8 @@ def validate(cfg: DictConfig) -> None:
         if value is not ABSENT and not isinstance(value, bool):
             raise UserError(f"{key}={value!r} is not allowed: it must be true or false")
     check_optimized_metric(cfg)
+    _check_augmentations(cfg)
+    _check_callbacks(cfg)
     _check_clipping(cfg)
     _check_norm_bias_lr_scale(cfg)
     _check_gpu_present(cfg)
@@ -123,6 +131,52 @@ def check_optimized_metric(cfg: DictConfig) -> None:
             f"optimized_metric={cfg.optimized_metric} is not allowed: it must be one of "
             + ", ".join(RUN_METRICS)
         )
+
+
+def _check_augmentations(cfg: DictConfig) -> None:
+    """data.augment and data.mix name torchvision v2 transforms only (conf/augment)."""
+    for key in ("augment", "mix"):
+        transforms = OmegaConf.select(cfg, f"data.{key}", default=None)
+        if transforms is None:
+            continue
+        if not isinstance(transforms, DictConfig):
+            raise UserError(
+                f"data.{key}={transforms!r} is not allowed: it must be a mapping of names to "
+                "torchvision.transforms.v2 configs (the augment config group)"
+            )
+        for name, transform in transforms.items():
+            require_v2_transform(f"data.{key}.{name}", transform)
+
+
+# Callbacks that replace the weights by an average of their past values: two at once would
+# each average the other's output.
+WEIGHT_AVERAGING = ("cifar_cnn.callbacks.EMA", "cifar_cnn.fast_recipe.Lookahead")
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    """One weight average at a time; the learning-rate curve needs a logger to write to."""
+    callbacks = {
+        name: OmegaConf.select(callback, "_target_")
+        for name, callback in (OmegaConf.select(cfg, "callbacks") or {}).items()
+        if callback is not None
+    }
+    averaging = [name for name, target in callbacks.items() if target in WEIGHT_AVERAGING]
+    if len(averaging) > 1:
+        names = " and ".join(f"callbacks.{name}" for name in averaging)
+        raise UserError(
+            f"{names} both average the weights, and do not go together: drop one, e.g. "
+            f"callbacks.{averaging[-1]}=null"
+        )
+    monitors = [n for n, t in callbacks.items() if t == LEARNING_RATE_MONITOR]
+    loggers = [v for v in (OmegaConf.select(cfg, "logger") or {}).values() if v is not None]
+    if monitors and not loggers:
+        raise UserError(
+            f"callbacks.{monitors[0]} writes the learning rate to a logger, and this run has "
+            f"none: add callbacks.{monitors[0]}=null"
+        )
+
+
+LEARNING_RATE_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
 
 
 def _check_clipping(cfg: DictConfig) -> None:

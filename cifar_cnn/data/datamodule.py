@@ -1,14 +1,16 @@
 """CIFAR10DataModule: a seeded train/val split, seeded epoch orders, batches by indexing."""
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, default_convert
 
-from cifar_cnn.data.augmentation import augment
+from cifar_cnn.data.augmentation import BatchMix, ImagePolicy, augment
 from cifar_cnn.data.images import to_float_images
 from cifar_cnn.data.loading import (
     DeviceBatches,
@@ -28,6 +30,12 @@ class CIFAR10DataModule(L.LightningDataModule):
     the run's seed (`torch.initial_seed()`, which `seed_everything` sets). With `on_device`,
     the whole uint8 data set moves to the training device once and batches are slices of it
     there (`DeviceBatches`), the same batches the DataLoaders give.
+
+    Training batches are augmented on the device, after the transfer, on both paths alike:
+    flips and shifts (`flip`, `crop_padding`), then `augment`, torchvision v2 policies applied
+    image by image, then `mix`, MixUp or CutMix, whose labels are class probabilities. Both
+    are mappings of `_target_` configs (conf/augment), kept plain so checkpoints load
+    weights-only.
     """
 
     def __init__(
@@ -44,6 +52,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         drop_last: bool = False,
         shuffle_seed: int | None = None,
         on_device: bool = False,
+        augment: Mapping[str, Mapping[str, Any]] | None = None,
+        mix: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -54,6 +64,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_val: InMemoryDataset | None = None
         self.data_test: InMemoryDataset | None = None
         self.validation_digest: str | None = None  # set by setup
+        self.image_policy = ImagePolicy(augment) if augment else None
+        self.batch_mix = BatchMix(mix) if mix else None
 
     @property
     def data_dir(self) -> Path:
@@ -131,6 +143,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         images = to_float_images(images)
         if self.trainer is not None and self.trainer.training:
             images = augment(images, self.hparams.flip, self.hparams.crop_padding)
+            if self.image_policy:
+                images = self.image_policy(images)
+            if self.batch_mix:
+                images, labels = self.batch_mix(images, labels)  # labels: (N, classes)
         return images, labels
 
     def _batches(

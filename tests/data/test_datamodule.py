@@ -13,6 +13,7 @@ from cifar_cnn.data.loading import DeviceBatches, epoch_order
 from cifar_cnn.errors import UserError
 
 from ..conftest import ready
+from .test_augmentation import POLICIES
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +111,24 @@ def epoch_batches(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]
     return list(loader)
 
 
-@pytest.mark.parametrize("drop_last", [False, True])
+MIXUP = {"_target_": "torchvision.transforms.v2.MixUp", "num_classes": 10}
+CUTMIX = {"_target_": "torchvision.transforms.v2.CutMix", "num_classes": 10}
+
+
+@pytest.mark.parametrize(
+    ("drop_last", "augment"),
+    [(False, None), (True, None), *[(False, [name]) for name in POLICIES], (False, ["all"])],
+)
 def test_device_path_and_dataloader_give_the_same_batches(
-    drop_last: bool, tiny_data_dir: Path, tmp_path: Path
+    drop_last: bool, augment: list[str] | None, tiny_data_dir: Path, tmp_path: Path
 ) -> None:
-    """80 training images in batches of 24: three full batches and a last one of 8."""
+    """80 training images in batches of 24: three full batches and a last one of 8. Under
+    each policy, and all of them with MixUp and CutMix."""
     settings = dict(batch_size=24, shuffle_seed=3, drop_last=drop_last, flip=True, crop_padding=2)
+    if augment:
+        everything = augment == ["all"]
+        settings["augment"] = POLICIES if everything else {augment[0]: POLICIES[augment[0]]}
+        settings["mix"] = {"mixup": MIXUP, "cutmix": CUTMIX} if everything else None
     loader = ready(tiny_data_dir, tmp_path / "cache", **settings)
     device = ready(tiny_data_dir, tmp_path / "cache", on_device=True, **settings)
     on_device = device.train_dataloader()
@@ -131,9 +144,10 @@ def test_device_path_and_dataloader_give_the_same_batches(
             for datamodule, batch in ((loader, (images, labels)), (device, (same_images, labels))):
                 datamodule.trainer = SimpleNamespace(training=True)
                 torch.manual_seed(epoch)  # the augmentation draws alike too
-                augmented.append(datamodule.on_after_batch_transfer(batch, 0)[0])
+                augmented.append(datamodule.on_after_batch_transfer(batch, 0))
                 datamodule.trainer = None
-            assert torch.equal(augmented[0], augmented[1])
+            for expected_tensor, tensor in zip(*augmented, strict=True):  # images, labels
+                assert torch.equal(expected_tensor, tensor)
     first, second = (epoch_batches(on_device, epoch)[0][1] for epoch in (0, 1))
     assert not torch.equal(first, second)  # a new order every epoch
 
