@@ -31,10 +31,10 @@ import torch
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import OverrideType
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from cifar_cnn import steps
@@ -150,7 +150,7 @@ class Resume:
             key = override.key_or_group
             if key == "ckpt_path":
                 continue
-            if key in choices:
+            if key in choices or key in run_choices or _selects_several(override, continued):
                 own = run_choices.get(key)
                 if override.value() != own:
                     raise UserError(
@@ -277,7 +277,28 @@ class Resume:
             )
 
 
-def _task_choices(choices: Mapping[str, str | None]) -> dict[str, str | None]:
+def composed_choices(cfg: DictConfig) -> dict[str, Any]:
+    """The config groups' options that Hydra composed this run from (none outside Hydra).
+    Hydra records no choice for a group given several options (`augment=[trivialaugment,
+    cutout]`): those given on the command line are added, as lists."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    choices = dict(hydra.runtime.choices)
+    for override in OverridesParser.create().parse_overrides(list(hydra.overrides.task)):
+        if override.key_or_group not in choices and _selects_several(override, cfg):
+            choices[override.key_or_group] = override.value()
+    return choices
+
+
+def _selects_several(override: Override, config: DictConfig) -> bool:
+    """Whether `override` gives a config group a list of options: a list for a key that
+    holds none (a value override would fail there)."""
+    holds = OmegaConf.select(config, override.key_or_group, default=None)
+    return isinstance(override.value(), list) and not isinstance(holds, ListConfig)
+
+
+def _task_choices(choices: Mapping[str, Any]) -> dict[str, Any]:
     """The choices of the run's own config groups, not of Hydra's (hydra/launcher, ...)."""
     return {group: option for group, option in choices.items() if not group.startswith("hydra/")}
 

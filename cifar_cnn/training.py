@@ -15,16 +15,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_cnn.provenance import provenance
 from cifar_cnn.pruning import PRUNED_AT_EPOCH, TrialPruning
-from cifar_cnn.resume import Resume, RunConfig
+from cifar_cnn.resume import Resume, RunConfig, composed_choices
 from cifar_cnn.runtime import keep_freed_memory, skip_nvml_probe
 from cifar_cnn.stopping import GracefulStop, stops_on_sigterm
 from cifar_cnn.validation import RUN_METRICS, validate
@@ -35,7 +34,8 @@ log = logging.getLogger(__name__)
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """The data, model and trainer that the config describes.
 
-    A callback or logger set to null (`callbacks.model_checkpoint=null`) is left out.
+    A callback or logger set to null (`callbacks.model_checkpoint=null`) is left out, and
+    the learning-rate monitor too when there is no logger.
     """
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -44,6 +44,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     # stop's last.ckpt holds the batch's state after their work on it (Lookahead's pull).
     callbacks.sort(key=lambda callback: isinstance(callback, GracefulStop))
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    if not loggers:  # the learning rate has nowhere to go (Lightning would stop the run)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return datamodule, model, trainer
 
@@ -60,7 +62,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     skip_nvml_probe()
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
-    trainer.callbacks.append(RunConfig(cfg, resume.recorded()[1] if resume else _choices()))
+    trainer.callbacks.append(
+        RunConfig(cfg, resume.recorded()[1] if resume else composed_choices(cfg))
+    )
     if resume:  # checked before the run's files are touched: a refusal loses nothing
         resume.check(datamodule, model, trainer)
     output_dir = Path(cfg.paths.output_dir)
@@ -82,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         checkpoint = resume.checkpoint if resume else None
         trainer.fit(model, datamodule, ckpt_path=checkpoint, weights_only=True)
         fit_time_s = round(time.perf_counter() - fit_started, 1)
+        stopped_early = _stopped_early(trainer)  # before the test restores callbacks' states
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         # The module's record, not callback_metrics: a run resumed from an epoch's last batch
         # ends without a validation (Lightning counts that epoch as done). The state, not
@@ -101,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         "status": "pruned" if pruned else "completed",
         **pruned,
-        **_stopped_early(trainer),
+        **stopped_early,
         "val/acc_best": val_acc_best,
         **{key: float(value) for key, value in test_metrics.items()},
         "epochs": trainer.current_epoch,
@@ -137,11 +142,6 @@ def _end_process_group() -> None:
     tensors; pytorch/pytorch#190489)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _choices() -> dict[str, str | None]:
-    """The config groups' options that Hydra composed this run from."""
-    return HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
 
 
 def _hyperparameters(cfg: DictConfig) -> dict[str, Any]:

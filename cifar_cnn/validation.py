@@ -154,7 +154,7 @@ WEIGHT_AVERAGING = ("cifar_cnn.callbacks.EMA", "cifar_cnn.fast_recipe.Lookahead"
 
 
 def _check_callbacks(cfg: DictConfig) -> None:
-    """One weight average at a time; the learning-rate curve needs a logger to write to."""
+    """One weight average at a time."""
     callbacks = {
         name: OmegaConf.select(callback, "_target_")
         for name, callback in (OmegaConf.select(cfg, "callbacks") or {}).items()
@@ -167,16 +167,6 @@ def _check_callbacks(cfg: DictConfig) -> None:
             f"{names} both average the weights, and do not go together: drop one, e.g. "
             f"callbacks.{averaging[-1]}=null"
         )
-    monitors = [n for n, t in callbacks.items() if t == LEARNING_RATE_MONITOR]
-    loggers = [v for v in (OmegaConf.select(cfg, "logger") or {}).values() if v is not None]
-    if monitors and not loggers:
-        raise UserError(
-            f"callbacks.{monitors[0]} writes the learning rate to a logger, and this run has "
-            f"none: add callbacks.{monitors[0]}=null"
-        )
-
-
-LEARNING_RATE_MONITOR = "lightning.pytorch.callbacks.LearningRateMonitor"
 
 
 def _check_clipping(cfg: DictConfig) -> None:

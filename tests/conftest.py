@@ -20,8 +20,8 @@ from cifar_cnn.resume import continued_config
 from cifar_cnn.runtime import silence_known_warnings
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
-CONFIG_GROUPS = ("paths", "data", "model", "trainer", "callbacks", "logger", "experiment", "debug",
-                 "hparams_search")  # fmt: skip
+CONFIG_GROUPS = ("paths", "data", "augment", "model", "trainer", "callbacks", "logger",
+                 "experiment", "debug", "hparams_search")  # fmt: skip
 # Every option of every group, as `group=option`.
 CONFIG_OPTIONS = [
     f"{group}={path.stem}"

@@ -109,3 +109,20 @@ class ZeroWeightsFrom(L.Callback):
             with torch.no_grad():
                 for parameter in pl_module.net.parameters():
                     parameter.zero_()
+
+
+class SaveStepWeights(L.Callback):
+    """Saves to the file `to`, as training ends, the module's weights after each step."""
+
+    def __init__(self, to: str) -> None:
+        self.to = Path(to)
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        self.steps.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(self.steps, self.to)

@@ -193,3 +193,16 @@ def test_search_pruning_smoke_run_compares_two_searches(
         assert (figures["complete"], figures["pruned"], figures["epochs_trained"]) == (2, 0, 4)
         assert figures["wall_time_s"] > 0
     assert isinstance(summary["wall_time_saved"], float)
+
+
+def test_augment_speed_smoke_run_times_every_policy() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "augment_speed.py"), "--batch-size", "8",
+               "--rounds", "2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    policies = {path.stem for path in (ROOT / "conf" / "augment").glob("*.yaml")}
+    timed = set(summary["ms_per_batch"])
+    assert policies < timed and "flip_and_shift_4" in timed
+    assert {"trivialaugment_one_draw_per_batch", "cutout_one_draw_per_batch"} < timed
+    assert all(ms > 0 for ms in summary["ms_per_batch"].values())

@@ -263,3 +263,31 @@ def test_label_smoothing_applies_to_the_training_loss_only() -> None:
     smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2)
     model.on_train_epoch_start()  # as Lightning calls it before an epoch's steps
     assert torch.allclose(model.training_step((images, labels), 0), smoothed)
+
+
+def test_one_hot_targets_give_the_plain_loss_and_mixed_ones_count_their_dominant_class() -> None:
+    """Soft labels (MixUp, CutMix) train with the cross-entropy against the probabilities;
+    one-hot ones give what the class indices give; train/acc counts a mixed image as right
+    when the net's class is the one that makes up most of it."""
+    model = ImageClassifier(NET, ADAM)
+    logged = {}
+    model.log_dict = lambda metrics, **kwargs: logged.update(metrics)
+    model.trainer = SimpleNamespace(
+        log_every_n_steps=0, num_training_batches=1, global_step=0, max_steps=-1,
+        accumulate_grad_batches=1,
+    )  # fmt: skip
+    images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    model.eval()  # no dropout: the same logits at each step
+    logits = model.net(images)
+    model.on_train_epoch_start()
+    plain = model.training_step((images, labels), 0)
+    model.on_train_epoch_start()
+    one_hot = model.training_step((images, F.one_hot(labels, 10).float()), 0)
+    assert torch.allclose(plain, one_hot) and torch.allclose(plain, F.cross_entropy(logits, labels))
+
+    mixed = 0.7 * F.one_hot(labels, 10) + 0.3 * F.one_hot(labels.roll(1), 10)
+    model.on_train_epoch_start()
+    loss = model.training_step((images, mixed), 0)
+    assert torch.allclose(loss, -(mixed * logits.log_softmax(dim=1)).sum(dim=1).mean())
+    expected = (logits.argmax(dim=1) == labels).float().mean()
+    assert torch.allclose(logged["train/acc_epoch"], expected)

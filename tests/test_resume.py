@@ -130,14 +130,22 @@ def stop_after(compose_config: Callable[..., DictConfig], step: int, *overrides:
 
 
 @pytest.mark.parametrize(
-    "data", ["data=cifar10", "data=cifar10_on_device", "experiment=tutorial_augmented"]
-)  # with a schedule, the data module's loader is set up before the checkpoint is loaded
+    "data",
+    [
+        ["data=cifar10"],
+        ["data=cifar10_on_device"],
+        # with a schedule, the data module's loader is set up before the checkpoint is loaded
+        ["experiment=tutorial_augmented"],
+        # the average's state and the policies' draws go on too
+        ["callbacks=[default,ema]", "augment=[trivialaugment,cutout,mixup,cutmix]"],
+    ],
+)
 def test_a_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
-    data: str, compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path,
-    tmp_path: Path,
+    data: list[str], compose_config: Callable[..., DictConfig], tiny_data_dir: Path,
+    cache_dir: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     """The epoch goes on with its next batch, the same random flips and the same metrics."""
-    run = [data, f"data.data_dir={tiny_data_dir}", "data.flip=true"]
+    run = [*data, f"data.data_dir={tiny_data_dir}", "data.flip=true"]
     record = "+callbacks.record._target_=tests.probes.RecordTraining"
     cut_record = f"+callbacks.record.to={tmp_path / 'cut'}"
     stopped = stop_after(compose_config, 7, *run, record, cut_record)
@@ -540,6 +548,8 @@ def test_a_continued_run_takes_its_own_settings_back(
         continued("data=cifar10_on_device")
     with pytest.raises(UserError, match="debug=fast_dev_run: the run was composed with debug=null"):
         continued("debug=fast_dev_run")
+    with pytest.raises(UserError, match=r"augment=\[cutout\]: the run was composed with augment"):
+        continued("augment=[cutout]")  # several options of a group: Hydra records no choice
     with pytest.raises(UserError, match="fast_dev_run .* does not go with ckpt_path"):
         train(continued("+trainer.fast_dev_run=true"))
     # A setting of today's config that the run has not (it deleted this one): Hydra's message.
