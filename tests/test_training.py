@@ -270,3 +270,29 @@ def test_an_epoch_without_validation_shows_no_validation_metrics(
     lines = {line[:9]: line for line in caplog.messages if line.startswith("epoch 00")}
     assert "val/acc" not in lines["epoch 000"] and "val/acc" in lines["epoch 001"]
     assert "val/acc" not in lines["epoch 002"]  # not epoch 001's metrics again
+
+
+@pytest.mark.slow  # starts train.py; ResNet-18 steps take seconds on a CPU
+def test_the_resnet18_recipe_runs_end_to_end_on_a_short_cpu_schedule(
+    data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """experiment=resnet18 with the short schedule its docs give: three steps, one batch of
+    validation and test, quietly; the learning-rate curve and the average are in the run."""
+    run_dir = tmp_path / "run"
+    result = run_train_py(
+        "experiment=resnet18", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+        "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+        "trainer.log_every_n_steps=1", "trainer.accelerator=cpu", f"data.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}", cache_dir=cache_dir, cwd=tmp_path,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "warning" not in output.lower() and "Traceback" not in output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 1
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
+    assert "current_model_state" in checkpoint  # the EMA's
+    assert set(checkpoint["datamodule_hyper_parameters"]["augment"]) == {"trivialaugment", "cutout"}
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("lr-SGD")) == 3
