@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict, read_write
 
 from cifar_cnn.errors import StoppedBySignal, UserError
-from cifar_cnn.files import FINISHED, read_record
+from cifar_cnn.files import FINISHED, read_record, written_then_renamed
 from cifar_cnn.resume import continued_config
 from cifar_cnn.training import train
 
@@ -29,7 +29,7 @@ def train_in_sweep(cfg: DictConfig, script: str) -> float:
     try:
         if cfg.get("ckpt_path"):
             raise UserError("resume one run at a time: ckpt_path does not go with -m")
-        recorded = _completed_record(cfg)
+        recorded = _completed_record(Path(cfg.paths.output_dir))
         if recorded is not None:  # requeued, or its sweep run again, after it completed
             log.info("This job's run completed before: its metrics stand")
             return _metric(recorded, cfg.optimized_metric)
@@ -79,15 +79,22 @@ def _ddp_processes_join_this_job(cfg: DictConfig, script: str) -> None:
 
 def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
     """The job's metrics.json says it failed or stopped; a completed run's record is kept."""
-    if rank_zero_only.rank != 0 or _completed_record(cfg) is not None:
+    if rank_zero_only.rank == 0:
+        record_failure(Path(cfg.paths.output_dir), status, f"{type(error).__name__}: {error}")
+
+
+def record_failure(output_dir: Path, status: str, error: str) -> None:
+    """metrics.json in `output_dir` says the job failed or stopped, and why; a completed
+    run's record is kept. Also written by the launchers for a job whose process was killed."""
+    if _completed_record(output_dir) is not None:
         return
-    output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = {"status": status, "error": f"{type(error).__name__}: {error}"}
-    (output_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    record = json.dumps({"status": status, "error": error}, indent=2) + "\n"
+    with written_then_renamed(output_dir / "metrics.json") as partial:
+        partial.write_text(record)
 
 
-def _completed_record(cfg: DictConfig) -> dict[str, Any] | None:
-    """The metrics.json of the run in cfg's folder, if that run completed (or was pruned)."""
-    record = read_record(Path(cfg.paths.output_dir) / "metrics.json")
+def _completed_record(output_dir: Path) -> dict[str, Any] | None:
+    """The metrics.json of the run in that folder, if that run completed (or was pruned)."""
+    record = read_record(output_dir / "metrics.json")
     return record if record is not None and record.get("status") in FINISHED else None
