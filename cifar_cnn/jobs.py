@@ -2,7 +2,6 @@
 started again in its folder goes on, and DDP processes that join the job, not the sweep."""
 
 import gc
-import json
 import logging
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict, read_write
 
 from cifar_cnn.errors import StoppedBySignal, UserError
-from cifar_cnn.files import FINISHED, read_record, written_then_renamed
+from cifar_cnn.files import FINISHED, read_record, record_failure
 from cifar_cnn.resume import continued_config
 from cifar_cnn.training import train
 
@@ -81,17 +80,6 @@ def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
     """The job's metrics.json says it failed or stopped; a completed run's record is kept."""
     if rank_zero_only.rank == 0:
         record_failure(Path(cfg.paths.output_dir), status, f"{type(error).__name__}: {error}")
-
-
-def record_failure(output_dir: Path, status: str, error: str) -> None:
-    """metrics.json in `output_dir` says the job failed or stopped, and why; a completed
-    run's record is kept. Also written by the launchers for a job whose process was killed."""
-    if _completed_record(output_dir) is not None:
-        return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    record = json.dumps({"status": status, "error": error}, indent=2) + "\n"
-    with written_then_renamed(output_dir / "metrics.json") as partial:
-        partial.write_text(record)
 
 
 def _completed_record(output_dir: Path) -> dict[str, Any] | None:

@@ -3,11 +3,15 @@
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from cifar_cnn.checkpoints import AtomicCheckpointIO
 
 
 class ShardProbe(L.Callback):
@@ -109,3 +113,29 @@ class ZeroWeightsFrom(L.Callback):
             with torch.no_grad():
                 for parameter in pl_module.net.parameters():
                     parameter.zero_()
+
+
+class SlowBatches(L.Callback):
+    """Makes each training batch take `seconds` longer: a tiny data set's epoch lasts long
+    enough to be interrupted in its middle."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(self.seconds)
+
+
+class _SlowTorchWrites(TorchCheckpointIO):
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        super().save_checkpoint(*args, **kwargs)
+        time.sleep(self.seconds)  # the checkpoint written, not yet renamed into place
+
+
+class SlowCheckpointIO(AtomicCheckpointIO, _SlowTorchWrites):
+    """AtomicCheckpointIO, its own code unchanged, with `seconds` between writing a checkpoint's
+    temporary file and renaming it into place: a process can be killed mid-write."""

@@ -27,7 +27,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_cnn.jobs import record_failure
+from cifar_cnn.files import record_failure
 
 log = logging.getLogger(__name__)
 
