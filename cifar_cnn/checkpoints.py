@@ -16,19 +16,32 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.errors import UserError
-from cifar_cnn.files import read_record, written_then_renamed
+from cifar_cnn.files import read_record, unwritable_message, written_then_renamed
 from cifar_cnn.module import ImageClassifier
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, then renames it into place: a run killed
-    while saving leaves the previous checkpoint intact, never a half-written one."""
+    while saving leaves the previous checkpoint intact, never a half-written one. A write that
+    fails (a full disk) stops the run with a message; the previous checkpoint stays whole."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        with written_then_renamed(Path(path)) as partial:
-            super().save_checkpoint(checkpoint, partial, storage_options)
+        path = Path(path)
+        try:
+            with written_then_renamed(path) as partial:
+                super().save_checkpoint(checkpoint, partial, storage_options)
+        except OSError as error:  # Lightning writes the file with Python: errno is kept
+            raise UserError(unwritable_message(f"checkpoint {path}", error) + (
+                f"; the run's earlier checkpoints are kept whole: free space, then continue "
+                f"it with python train.py ckpt_path={_run_of(path)}"
+            )) from error  # fmt: skip
+
+
+def _run_of(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint in its checkpoints/ folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

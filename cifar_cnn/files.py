@@ -1,5 +1,6 @@
 """Writing files so that no reader ever sees one half-written, and reading run records."""
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -71,3 +72,18 @@ def record_failure(output_dir: Path, status: str, error: str) -> None:
     record = json.dumps({"status": status, "error": error}, indent=2) + "\n"
     with written_then_renamed(output_dir / "metrics.json") as partial:
         partial.write_text(record)
+
+
+# What a failed write's errno says, in words a user acts on.
+FULL = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file size limit (ulimit -f) is reached",
+}
+
+
+def unwritable_message(what: str, error: OSError) -> str:
+    """ "cannot write <what> (<the OS's reason>: <what it means>)"."""
+    reason = error.strerror or str(error)
+    meaning = FULL.get(error.errno)
+    return f"cannot write {what} ({reason}{': ' + meaning if meaning else ''})"

@@ -8,6 +8,7 @@ named by the folder and its files' sizes and times, so a changed folder gets a n
 """
 
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -23,7 +24,7 @@ from torchvision.datasets import CIFAR10
 
 from cifar_cnn.data.images import CLASSES, IMAGE_SHAPE, deeper_than_8_bits, upright_rgb
 from cifar_cnn.errors import DataNotFoundError, UserError
-from cifar_cnn.files import written_then_renamed
+from cifar_cnn.files import FULL, unwritable_message, written_then_renamed
 
 DATA_DIR_ENV = "CIFAR10_DIR"
 CACHE_DIR_ENV = "CIFAR_CNN_CACHE_DIR"
@@ -59,12 +60,22 @@ class CIFAR10Source:
             "test_labels": test_labels,
         }
         # Write then rename: a run killed mid-write, or a second run building the same
-        # cache at once, never leaves a half-written file under the final name.
+        # cache at once, never leaves a half-written file under the final name. Serialised
+        # first, then written by Python: torch.save's own writer loses the OS's reason (a
+        # full disk) for a failed write.
+        serialised = io.BytesIO()
+        torch.save(cache, serialised)
         try:
             with written_then_renamed(self.cache_path) as partial:
-                torch.save(cache, partial)
-        except (OSError, RuntimeError) as error:  # torch.save's failed open is a RuntimeError
-            raise UserError(self._unwritable_cache_message(error)) from error
+                partial.write_bytes(serialised.getbuffer())
+        except OSError as error:
+            if error.errno not in FULL:  # no permission, say
+                raise UserError(self._unwritable_cache_message(error)) from error
+            raise UserError(
+                unwritable_message(f"the data cache {self.cache_path}", error)
+                + f": free space there, or point data.cache_dir (or the environment variable "
+                f"{CACHE_DIR_ENV}) at a folder on another disk"
+            ) from error
         self._remove_outdated_caches()
 
     def load(self) -> dict[str, Tensor]:

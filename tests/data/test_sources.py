@@ -21,7 +21,7 @@ from cifar_cnn.data.sources import CIFAR10Source, suffix
 from cifar_cnn.errors import DataNotFoundError, UserError
 from cifar_cnn.prediction import load_image_file
 
-from ..conftest import make_image_folder, ready
+from ..conftest import file_size_limit, make_image_folder, ready
 
 
 def folder_contents(root: Path) -> dict[Path, bytes]:
@@ -212,16 +212,22 @@ def test_a_cache_folder_that_cannot_be_written_is_named_before_decoding(
     ):
         ready(tiny_data_dir, not_a_folder)
     assert not decoded
-    monkeypatch.undo()
 
-    def full_disk(obj: object, path: Path) -> None:
-        Path(path).write_bytes(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match=f"cannot write the data cache in {tmp_path / 'c2'}"):
-        ready(tiny_data_dir, tmp_path / "c2")
-    assert list((tmp_path / "c2").iterdir()) == []  # no half-written file left
+def test_a_cache_write_on_a_full_disk_stops_naming_the_cache_and_leaves_no_part(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    source = CIFAR10Source(tiny_data_dir, tmp_path / "cache", download=False)
+    with file_size_limit(50_000), pytest.raises(UserError) as error:  # the cache is ~0.5 MB
+        source.prepare()
+    assert str(error.value) == (
+        f"cannot write the data cache {source.cache_path} (File too large: the file size limit "
+        "(ulimit -f) is reached): free space there, or point data.cache_dir (or the "
+        "environment variable CIFAR_CNN_CACHE_DIR) at a folder on another disk"
+    )
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written file left
+    source.prepare()  # space again: written
+    assert set(source.load()) == {"train_images", "train_labels", "test_images", "test_labels"}
 
 
 def test_images_of_another_size_stop_the_run_and_grayscale_ones_are_converted(
