@@ -353,3 +353,32 @@ def test_a_read_only_data_folder_works(tiny_data_dir: Path, tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["80", "20", "40"]
+
+
+def test_the_cache_folder_keeps_the_recent_caches_and_those_in_use(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    older = [cache / f"cifar10-{i:08x}-{i:016x}.pt" for i in range(5)]  # other folders'
+    for age, path in enumerate(older):  # older[0] the most recently used
+        torch.save({"x": torch.zeros(1)}, path)
+        os.utime(path, (1e9 - age, 1e9 - age))
+    held_elsewhere = subprocess.Popen(  # another process, about to read the oldest
+        [sys.executable, "-c", f"import fcntl, sys; f = open({str(older[4])!r}, 'rb'); "
+         "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert held_elsewhere.stdout.readline() == "held\n"
+    partial = cache / f".cifar10-x-y.pt.{2**22 + 1}.tmp"  # of a process killed while writing
+    partial.write_bytes(b"half")
+    try:
+        source = CIFAR10Source(tiny_data_dir, cache, download=False)
+        source.prepare()
+        assert set(cache.iterdir()) == {older[0], older[1], older[4], source.cache_path}
+    finally:
+        held_elsewhere.communicate("")
+    other = CIFAR10Source(make_image_folder(tmp_path / "b", {"train": 1, "test": 1}), cache,
+                          download=False)  # fmt: skip
+    other.prepare()  # no more in use: pruned as the others
+    assert set(cache.iterdir()) == {older[0], source.cache_path, other.cache_path}
