@@ -6,6 +6,7 @@ plain values, so opening one runs no code from it. Ours need nothing more.
 
 import glob
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,6 +43,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _run_of(checkpoint: Path) -> Path:
     """The run folder of a checkpoint in its checkpoints/ folder."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+# What zipfile raises on a damaged archive's headers (a changed compression method, sizes or
+# offsets that point nowhere, a name that is not text), besides BadZipFile.
+DAMAGED_ZIP = (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError,
+               OverflowError, struct.error)  # fmt: skip
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -86,8 +93,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:  # torch.load does not check the parts' checksums: damaged bytes would load as weights
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise UserError(f"{path} is not a readable checkpoint ({error})") from error
+    except DAMAGED_ZIP as error:
+        raise UserError(f"{path} is not a readable checkpoint ({_reason(error)})") from error
     if damaged:
         raise UserError(
             f"{path} is damaged: its part {damaged} fails its checksum (a disk or copy error); "

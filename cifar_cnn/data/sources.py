@@ -353,6 +353,9 @@ def decode_image(path: str) -> Tensor:
     run, naming it."""
     try:
         with Image.open(path) as image:
+            if image.size != (32, 32):  # told by the header: no need to decode a huge image
+                width, height = image.size
+                raise UserError(f"image {path} is {width}x{height}, CIFAR-10's are 32x32")
             if deeper_than_8_bits(image):
                 raise UserError(
                     f"image {path} has {image.mode} pixels (16 or 32 bits): CIFAR-10's are "
