@@ -6,6 +6,7 @@ plain values, so opening one runs no code from it. Ours need nothing more.
 
 import glob
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,19 +17,38 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar_cnn.data import CIFAR10DataModule
 from cifar_cnn.errors import UserError
-from cifar_cnn.files import read_record, written_then_renamed
+from cifar_cnn.files import read_record, unwritable_message, written_then_renamed
 from cifar_cnn.module import ImageClassifier
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, then renames it into place: a run killed
-    while saving leaves the previous checkpoint intact, never a half-written one."""
+    while saving leaves the previous checkpoint intact, never a half-written one. A write that
+    fails (a full disk) stops the run with a message; the previous checkpoint stays whole."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        with written_then_renamed(Path(path)) as partial:
-            super().save_checkpoint(checkpoint, partial, storage_options)
+        path = Path(path)
+        try:
+            with written_then_renamed(path) as partial:
+                super().save_checkpoint(checkpoint, partial, storage_options)
+        except OSError as error:  # Lightning writes the file with Python: errno is kept
+            raise UserError(unwritable_message(f"checkpoint {path}", error) + (
+                f"; the run's earlier checkpoints are kept whole: free space, then continue "
+                f"it with python train.py ckpt_path={_run_of(path)}"
+            )) from error  # fmt: skip
+
+
+def _run_of(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint in its checkpoints/ folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+# What zipfile raises on a damaged archive's headers (a changed compression method, sizes or
+# offsets that point nowhere, a name that is not text), besides BadZipFile.
+DAMAGED_ZIP = (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError,
+               OverflowError, struct.error)  # fmt: skip
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -73,8 +93,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:  # torch.load does not check the parts' checksums: damaged bytes would load as weights
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise UserError(f"{path} is not a readable checkpoint ({error})") from error
+    except DAMAGED_ZIP as error:
+        raise UserError(f"{path} is not a readable checkpoint ({_reason(error)})") from error
     if damaged:
         raise UserError(
             f"{path} is damaged: its part {damaged} fails its checksum (a disk or copy error); "

@@ -40,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cifar_cnn import steps
 from cifar_cnn.checkpoints import read_checkpoint, validation_digest
 from cifar_cnn.errors import UserError
+from cifar_cnn.files import remove_orphaned_partials
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ class Resume:
         self._check_same_schedule(trainer)
         self._check_unfinished(trainer)
         self._check_same_validation_images(datamodule)
+        for partial in remove_orphaned_partials(self.checkpoint.parent):
+            log.info("Removed %s, a checkpoint half-written when the run was killed", partial)
 
     def check_same_settings(
         self, datamodule: L.LightningDataModule, model: L.LightningModule

@@ -4,6 +4,7 @@ Rebuild it for any sweep folder with `python -m cifar_cnn.sweep_summary outputs/
 """
 
 import csv
+import io
 import logging
 import math
 import statistics
@@ -18,7 +19,7 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_cnn.files import FINISHED, read_record
+from cifar_cnn.files import FINISHED, read_record, written_then_renamed
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,22 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda row: (row["status"] != "completed", -_number(row[METRIC])))
 
-    with (sweep_dir / "summary.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(_markdown(rows, sorted(shared), sweep_dir.resolve()))
-    _plot(rows, overrides).savefig(sweep_dir / "summary.png", dpi=100)
+    # Written then renamed: a search's parallel workers each write the summary as they end.
+    with written_then_renamed(sweep_dir / "summary.csv") as partial:
+        with_header = [dict(zip(COLUMNS, COLUMNS, strict=True)), *rows]
+        partial.write_text(_csv(with_header))
+    with written_then_renamed(sweep_dir / "summary.md") as partial:
+        partial.write_text(_markdown(rows, sorted(shared), sweep_dir.resolve()))
+    with written_then_renamed(sweep_dir / "summary.png") as partial:
+        _plot(rows, overrides).savefig(partial, dpi=100, format="png")
     log.info("Sweep summary: %s", sweep_dir / "summary.md")
     return rows
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    text = io.StringIO(newline="")
+    csv.DictWriter(text, fieldnames=COLUMNS).writerows(rows)
+    return text.getvalue()
 
 
 def _swept_keys(sweep_dir: Path) -> set[str]:

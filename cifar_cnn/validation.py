@@ -9,6 +9,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cifar_cnn.data.augmentation import require_v2_transform
 from cifar_cnn.errors import UserError
@@ -119,8 +120,21 @@ def validate(cfg: DictConfig) -> None:
 
 def _checked_value(cfg: DictConfig, key: str) -> Any:
     """The key's value, to check; ABSENT where the config lacks the key, or holds a null that
-    means something (NULLABLE)."""
-    value = OmegaConf.select(cfg, key, default=ABSENT)
+    means something (NULLABLE). A value left `???` or an interpolation that does not resolve
+    is refused here, naming the key: OmegaConf's own error would come later, as a traceback."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    # `name in node` is false for a value left ???
+    present = isinstance(node, DictConfig) and name in node.keys()  # noqa: SIM118
+    child = node._get_node(name) if present else None
+    if child is not None and child._is_missing():
+        raise UserError(f"{key}=??? is not allowed: it needs a value")
+    try:
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+    except OmegaConfBaseException as error:
+        raw = child._value() if child is not None else "?"
+        reason = str(error).splitlines()[0]
+        raise UserError(f"{key}={raw!r} is not allowed: it does not resolve ({reason})") from error
     return ABSENT if value is None and key in NULLABLE else value
 
 

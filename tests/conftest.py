@@ -1,8 +1,11 @@
 """Fixtures: the real data set, small image-folder trees, and composed configs for tmp folders."""
 
 import os
+import resource
+import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +114,30 @@ def compose_config(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]
         return compose_in("train", list(overrides), run_dir, cache_dir)
 
     return compose_with
+
+
+@contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """A disk that fills up: in this process, writing a file past `size` bytes fails with
+    EFBIG ("File too large"), as on a full disk with ENOSPC (RLIMIT_FSIZE, with SIGXFSZ,
+    which would kill the process, ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def limit_file_size(size: int) -> Callable[[], None]:
+    """For subprocess.Popen's preexec_fn: file_size_limit(size) in the started process."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # ignored signals stay so across exec
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+        )
+
+    return limit

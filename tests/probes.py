@@ -3,11 +3,15 @@
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from cifar_cnn.checkpoints import AtomicCheckpointIO
 
 
 class ShardProbe(L.Callback):
@@ -126,3 +130,29 @@ class SaveStepWeights(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.save(self.steps, self.to)
+
+
+class SlowBatches(L.Callback):
+    """Makes each training batch take `seconds` longer: a tiny data set's epoch lasts long
+    enough to be interrupted in its middle."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(self.seconds)
+
+
+class _SlowTorchWrites(TorchCheckpointIO):
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        super().save_checkpoint(*args, **kwargs)
+        time.sleep(self.seconds)  # the checkpoint written, not yet renamed into place
+
+
+class SlowCheckpointIO(AtomicCheckpointIO, _SlowTorchWrites):
+    """AtomicCheckpointIO, its own code unchanged, with `seconds` between writing a checkpoint's
+    temporary file and renaming it into place: a process can be killed mid-write."""

@@ -1,13 +1,23 @@
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from cifar_cnn.checkpoints import AtomicCheckpointIO, load_checkpoint, resolve_checkpoint
 from cifar_cnn.errors import UserError
 from cifar_cnn.module import ImageClassifier
+from cifar_cnn.training import train
+
+from .conftest import file_size_limit, limit_file_size
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NET = {"_target_": "cifar_cnn.nets.TutorialCNN", "hidden_units": 16}
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
@@ -172,3 +182,49 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
     load_checkpoint(path)
+
+
+def test_a_checkpoint_write_on_a_full_disk_stops_and_keeps_the_previous_one(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    previous = folder / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"weights": torch.zeros(10)}, previous)
+    saved = previous.read_bytes()
+    with file_size_limit(100_000), pytest.raises(UserError) as error:
+        AtomicCheckpointIO().save_checkpoint({"weights": torch.zeros(100_000)}, previous)
+    assert str(error.value) == (
+        f"cannot write checkpoint {previous} (File too large: the file size limit (ulimit -f) "
+        "is reached); the run's earlier checkpoints are kept whole: free space, then continue "
+        f"it with python train.py ckpt_path={tmp_path / 'run'}"
+    )
+    assert previous.read_bytes() == saved and list(folder.iterdir()) == [previous]
+
+
+@pytest.mark.slow  # a train.py process
+def test_a_run_that_fills_the_disk_stops_with_a_message_and_continues_after(
+    compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    settings = [f"data.data_dir={tiny_data_dir}", "trainer.accelerator=cpu",
+                "logger.tensorboard=null", "data.batch_size=20"]  # fmt: skip
+    first = compose_config(*settings, "trainer.max_epochs=1")
+    train(first)
+    run = Path(first.paths.output_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    on = [sys.executable, str(ROOT / "train.py"), *settings, "trainer.max_epochs=2",
+          f"ckpt_path={run}"]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    full = subprocess.run(on, cwd=run.parent, env=env, capture_output=True, text=True,
+                          preexec_fn=limit_file_size(len(saved) // 2), timeout=300)  # fmt: skip
+    output = full.stdout + full.stderr
+    assert full.returncode == 1 and "Traceback" not in output, output
+    assert f"cannot write checkpoint {run / 'checkpoints'}" in output
+    assert "the run's earlier checkpoints are kept whole" in output
+    assert last.read_bytes() == saved
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+    space = subprocess.run(on, cwd=run.parent, env=env, capture_output=True, text=True)
+    assert space.returncode == 0, space.stdout + space.stderr
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2

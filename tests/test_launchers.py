@@ -25,7 +25,7 @@ def test_slurm_launcher_takes_its_settings_from_config() -> None:
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert (
-        launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+        launcher._target_ == "hydra_plugins.cifar_cnn_launchers.submitit_jobs.SlurmJobsThatDieFail"
     )
     assert (launcher.partition, launcher.nodes, launcher.gpus_per_node) == ("gpu", 2, 4)
     assert launcher.tasks_per_node == 4  # one task per GPU, as Lightning's DDP wants on SLURM
@@ -97,3 +97,40 @@ def test_a_sweep_job_on_the_local_launcher_trains_in_two_ddp_processes(
     assert metrics["status"] == "completed" and metrics["epochs"] == 1
     second = (sweep / "0" / "train_ddp_process_1.log").read_text()  # in the job's folder
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in second
+
+
+@pytest.mark.slow
+def test_a_job_killed_by_sigkill_fails_and_the_sweep_goes_on_to_its_summary(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """As the kernel's out-of-memory killer does: the job runs no more code, and submitit
+    finds no result."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "seed=1,2",
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
+        "trainer.max_epochs=3", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    sweep_process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        info = sweep / "0" / "run_info.json"
+        deadline = time.monotonic() + 180
+        while not info.exists():  # job 0 is about to train
+            assert sweep_process.poll() is None and time.monotonic() < deadline, "no job 0"
+            time.sleep(0.02)
+        os.kill(json.loads(info.read_text())["pid"], signal.SIGKILL)
+        output, _ = sweep_process.communicate(timeout=300)
+    finally:
+        sweep_process.kill()
+    assert sweep_process.returncode == 1, output  # a job did not complete
+    assert "Traceback" not in output
+    assert "1 of 2 jobs did not complete: 0" in output
+    killed = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert killed["status"] == "failed"
+    assert killed["error"].startswith("KilledJob: the job's process ended without a result")
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "completed"
+    summary = (sweep / "summary.md").read_text()
+    assert "(2 jobs," in summary and "| failed |" in summary and "| completed |" in summary

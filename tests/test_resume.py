@@ -566,3 +566,26 @@ def test_a_run_stopped_before_its_first_checkpoint_has_nothing_to_continue(
         Resume(str(run))
     with pytest.raises(UserError, match="ckpt_path takes a run folder"):
         Resume(str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize("longer", ["trainer.max_epochs=3", "++trainer.max_steps=20"])
+def test_a_finished_scheduled_run_is_not_trained_on_past_its_schedule(
+    longer: str, compose_config: Callable[..., DictConfig], tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    """OneCycleLR raises one step past the length it was laid out over: continuing a finished
+    run to a longer length is refused before any step, naming the setting that changes it."""
+    run = [*SIGNALLED, "experiment=tutorial_augmented", f"data.data_dir={tiny_data_dir}",
+           "trainer.max_epochs=1"]  # fmt: skip
+    finished = compose_config(*run)
+    assert train(finished)["status"] == "completed"
+    folder = Path(finished.paths.output_dir)
+    saved = {p.name: p.read_bytes() for p in (folder / "checkpoints").iterdir()}
+    metrics = (folder / "metrics.json").read_text()
+
+    with pytest.raises(UserError) as error:
+        train(compose_in("train", [*run, longer, f"ckpt_path={folder}"], folder, cache_dir))
+    message = str(error.value)
+    assert "model.scheduler was laid out over the run's length" in message
+    assert longer.lstrip("+").partition("=")[0] in message and "\n" not in message
+    assert {p.name: p.read_bytes() for p in (folder / "checkpoints").iterdir()} == saved
+    assert (folder / "metrics.json").read_text() == metrics

@@ -5,15 +5,22 @@ Two layouts are read from `data_dir`:
 - an image-folder tree `train/<class>/*.jpg` and `test/<class>/*.jpg`, the offline form.
 Either is decoded into a file in `cache_dir` (never into `data_dir`, which may be read-only),
 named by the folder and its files' sizes and times, so a changed folder gets a new cache.
+The cache folder stays bounded: writing a cache deletes that folder's outdated caches and all
+but the KEPT_CACHES most recently used caches of other folders, never one that a running
+process is about to read or reading (it holds a shared lock from prepare to the end of load).
+An outdated cache is deleted all the same: a run about to read it reads the new one.
 """
 
+import fcntl
 import hashlib
+import io
 import logging
 import os
 import pickle
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,7 +30,12 @@ from torchvision.datasets import CIFAR10
 
 from cifar_cnn.data.images import CLASSES, IMAGE_SHAPE, deeper_than_8_bits, upright_rgb
 from cifar_cnn.errors import DataNotFoundError, UserError
-from cifar_cnn.files import written_then_renamed
+from cifar_cnn.files import (
+    FULL,
+    remove_orphaned_partials,
+    unwritable_message,
+    written_then_renamed,
+)
 
 DATA_DIR_ENV = "CIFAR10_DIR"
 CACHE_DIR_ENV = "CIFAR_CNN_CACHE_DIR"
@@ -33,6 +45,9 @@ CACHE_KEYS = {"train_images", "train_labels", "test_images", "test_labels"}
 # Files with these suffixes must decode (else the run stops, naming the file); other files in
 # a class folder (.DS_Store, notes) are skipped with a warning.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Caches of other data folders (or of other contents) kept besides the one in use, the most
+# recently used first: each is as large as its data set.
+KEPT_CACHES = 2
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +59,12 @@ class CIFAR10Source:
         self.data_dir = Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
         self.download = download
+        self._held: BinaryIO | None = None  # the cache file, locked until it has been read
 
     def prepare(self) -> None:
-        """Downloads (torchvision layout, when online) and decodes into the cache, if absent."""
-        if self.cache_path.exists():
+        """Downloads (torchvision layout, when online) and decodes into the cache, if absent.
+        The cache is then held as in use until `load` has read it."""
+        if self._hold() is not None:
             return
         self._check_cache_dir_writable()  # before the decoding, not after it
         log.info("Decoding %s into the cache %s (once)", self.data_dir, self.cache_path)
@@ -59,22 +76,44 @@ class CIFAR10Source:
             "test_labels": test_labels,
         }
         # Write then rename: a run killed mid-write, or a second run building the same
-        # cache at once, never leaves a half-written file under the final name.
+        # cache at once, never leaves a half-written file under the final name. Serialised
+        # first, then written by Python: torch.save's own writer loses the OS's reason (a
+        # full disk) for a failed write.
+        serialised = io.BytesIO()
+        torch.save(cache, serialised)
         try:
             with written_then_renamed(self.cache_path) as partial:
-                torch.save(cache, partial)
-        except (OSError, RuntimeError) as error:  # torch.save's failed open is a RuntimeError
-            raise UserError(self._unwritable_cache_message(error)) from error
-        self._remove_outdated_caches()
+                partial.write_bytes(serialised.getbuffer())
+        except OSError as error:
+            if error.errno not in FULL:  # no permission, say
+                raise UserError(self._unwritable_cache_message(error)) from error
+            raise UserError(
+                unwritable_message(f"the data cache {self.cache_path}", error)
+                + f": free space there, or point data.cache_dir (or the environment variable "
+                f"{CACHE_DIR_ENV}) at a folder on another disk"
+            ) from error
+        self._hold()
+        self._prune_caches()
 
     def load(self) -> dict[str, Tensor]:
         """The cache's tensors (CACHE_KEYS); an unreadable cache (truncated, say) is rebuilt."""
-        if not self.cache_path.exists():  # removed as outdated by a run that saw new data
+        try:
+            return self._load()
+        finally:
+            self._let_go()
+
+    def _load(self) -> dict[str, Tensor]:
+        still_there = self._held is not None and os.fstat(self._held.fileno()).st_nlink > 0
+        held = self._held if still_there else self._hold()
+        if held is None:  # removed as outdated by a run that saw new data
             del self.cache_path  # computed again, from the folder as it is now:
             vars(self).pop("_folder_listing", None)  # listed again (image folders)
             self.prepare()
+            held = self._hold()
         try:
-            cache = torch.load(self.cache_path, weights_only=True)
+            if held is None:
+                raise OSError(f"{self.cache_path} was deleted as it was opened")
+            cache = torch.load(held, weights_only=True)
             if set(cache) != CACHE_KEYS:
                 raise ValueError(f"unexpected content {sorted(cache)}")
             return cache
@@ -89,7 +128,28 @@ class CIFAR10Source:
             log.warning("rebuilding the unreadable data cache %s (%s)", self.cache_path, error)
         self.cache_path.unlink(missing_ok=True)
         self.prepare()
-        return torch.load(self.cache_path, weights_only=True)
+        return torch.load(self._hold() or self.cache_path, weights_only=True)
+
+    def _hold(self) -> BinaryIO | None:
+        """The cache file, opened and locked as in use (shared: by any number of processes);
+        None where there is none, or another process's pruning deleted it meanwhile."""
+        self._let_go()
+        try:
+            self._held = self.cache_path.open("rb")
+        except (FileNotFoundError, NotADirectoryError):  # the latter: cache_dir is a file
+            return None
+        fcntl.flock(self._held, fcntl.LOCK_SH)
+        if os.fstat(self._held.fileno()).st_nlink == 0:  # deleted before the lock was had
+            self._held.close()
+            self._held = None
+            return None
+        os.utime(self.cache_path)  # recently used: kept by the other processes' pruning
+        return self._held
+
+    def _let_go(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     @cached_property
     def cache_path(self) -> Path:
@@ -123,13 +183,25 @@ class CIFAR10Source:
             f"(or the environment variable {CACHE_DIR_ENV}) at a writable folder"
         )
 
-    def _remove_outdated_caches(self) -> None:
-        """Deletes this data folder's caches of earlier contents or cache formats: each is as
-        large as the data set, and none will be read again."""
-        for outdated in self.cache_dir.glob(f"cifar10-{self._folder_key}-*.pt"):
-            if outdated != self.cache_path:
-                outdated.unlink(missing_ok=True)
-                log.info("Removed the outdated data cache %s", outdated)
+    def _prune_caches(self) -> None:
+        """Deletes this data folder's caches of earlier contents or cache formats (none will be
+        read again), the caches of other folders but the KEPT_CACHES most recently used (not
+        one that a running process is about to read: it holds it), and the partial files of
+        processes killed while writing one."""
+        others = sorted(
+            (path for path in self.cache_dir.glob("cifar10-*-*.pt") if path != self.cache_path),
+            key=_last_used,
+            reverse=True,
+        )
+        own = [path for path in others if path.name.startswith(f"cifar10-{self._folder_key}-")]
+        elsewhere = [path for path in others if path not in own]
+        for path in own:  # a run about to read one reads the folder's new cache instead
+            path.unlink(missing_ok=True)
+            log.info("Removed the outdated data cache %s", path)
+        for path in elsewhere[KEPT_CACHES:]:
+            if _delete_unless_held(path):  # else another run would decode its data again
+                log.info("Removed the least recently used data cache %s", path)
+        remove_orphaned_partials(self.cache_dir)
 
     def _layout(self) -> str:
         """Which layout data_dir holds; downloads the torchvision batches when allowed."""
@@ -184,6 +256,27 @@ class CIFAR10Source:
         if self._layout() == "torchvision":
             return _read_torchvision(self.data_dir, True), _read_torchvision(self.data_dir, False)
         return _read_files(self._folder_listing["train"]), _read_files(self._folder_listing["test"])
+
+
+def _last_used(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # pruned by another process meanwhile
+        return 0.0
+
+
+def _delete_unless_held(path: Path) -> bool:
+    """Deletes the cache file unless a process holds it (CIFAR10Source._hold); True if so."""
+    try:
+        with path.open("rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            path.unlink(missing_ok=True)  # while locked: no process takes it meanwhile
+            return True
+    except FileNotFoundError:
+        return False
 
 
 def _class_folder_files(split_dir: Path) -> list[tuple[str, int]]:
@@ -260,6 +353,9 @@ def decode_image(path: str) -> Tensor:
     run, naming it."""
     try:
         with Image.open(path) as image:
+            if image.size != (32, 32):  # told by the header: no need to decode a huge image
+                width, height = image.size
+                raise UserError(f"image {path} is {width}x{height}, CIFAR-10's are 32x32")
             if deeper_than_8_bits(image):
                 raise UserError(
                     f"image {path} has {image.mode} pixels (16 or 32 bits): CIFAR-10's are "

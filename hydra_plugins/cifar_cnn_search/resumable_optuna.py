@@ -7,6 +7,9 @@ search space, `hydra.sweeper.params`, is in Hydra's override grammar (search_spa
   after 12 of 20 runs 8 more when started again with the same command.
 - A trial whose process died (Ctrl-C, SIGTERM, SIGKILL, a crash) is marked failed with the
   user attribute `interrupted` and does not count; the search asks for a new trial instead.
+  One whose job had completed (the process died before telling the study) is told its result.
+- Parallel workers stop at exactly `n_trials`: of two that take the last trial at once, the
+  one whose trial has the higher number gives it back (failed, user attribute `surplus`).
 - A trial that fails or returns NaN is recorded as failed and the search goes on, up to
   `max_failure_rate` of failed trials among all the study's finished trials.
 - With a pruner (`hydra/sweeper/pruner=median`), each trial's job reports its metric per
@@ -23,6 +26,7 @@ import os
 import socket
 import warnings
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,14 @@ from optuna.exceptions import StorageInternalError
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_cnn.errors import UserError, exit_on_user_error
+from cifar_cnn.files import (
+    FINISHED,
+    process_alive,
+    read_record,
+    record_failure,
+    remove_orphaned_partials,
+    written_then_renamed,
+)
 from cifar_cnn.pruning import PRUNED_AT_EPOCH
 from cifar_cnn.sweep_summary import SEARCH_RECORD, write_summary
 from cifar_cnn.validation import check_lr_takes_effect, check_optimized_metric
@@ -52,6 +64,10 @@ log = logging.getLogger(__name__)
 
 WORKER = "worker"  # user attribute: "<host>:<boot id>:<pid>" of the process running the trial
 INTERRUPTED = "interrupted"  # user attribute of a trial whose process died
+SURPLUS = "surplus"  # user attribute of a trial given back: another worker took the last one
+# A running trial without its worker's record is one that a worker has just asked for; after
+# this long, it is one whose worker died before recording itself.
+UNCLAIMED_GRACE = timedelta(minutes=1)
 SEARCH = "search"  # study user attribute: the search space and fixed overrides
 
 
@@ -112,9 +128,13 @@ class ResumableOptunaSweeper(Sweeper):
         }
         _check_same_search(study, search)
         # Beside the trials: what the search varies (the summary's columns) and holds fixed.
-        (Path(self.sweep_dir) / SEARCH_RECORD).write_text(yaml.safe_dump(search))
-        # SQLite serves one worker at a time: its running trials elsewhere are dead too.
-        _mark_interrupted(study, shared=not str(self.storage).startswith("sqlite:"))
+        with written_then_renamed(Path(self.sweep_dir) / SEARCH_RECORD) as partial:
+            partial.write_text(yaml.safe_dump(search))  # workers that start at once share it
+        # SQLite serves the workers of one machine: its running trials elsewhere are dead.
+        _mark_interrupted(
+            study, not str(self.storage).startswith("sqlite:"), Path(self.sweep_dir),
+            self.config.optimized_metric,
+        )  # fmt: skip
         done = len(_counted(study))
         if study.trials:
             # A seeded sampler would otherwise repeat the suggestions of the first run.
@@ -130,6 +150,9 @@ class ResumableOptunaSweeper(Sweeper):
                 trials = [study.ask() for _ in range(min(self.n_jobs, to_go))]
                 for trial in trials:
                     trial.set_user_attr(WORKER, _this_worker())
+                trials = _within_budget(study, trials, self.n_trials)
+                if not trials:
+                    continue
                 overrides = [self._trial_overrides(t, distributions, fixed) for t in trials]
                 for trial, result in zip(trials, self._launch(trials, overrides), strict=True):
                     _tell(study, trial, result)
@@ -194,9 +217,8 @@ class ResumableOptunaSweeper(Sweeper):
             "best_params": best.params,
             "best_value": best.value,
         }
-        OmegaConf.save(
-            OmegaConf.create(results), Path(self.sweep_dir) / "optimization_results.yaml"
-        )
+        with written_then_renamed(Path(self.sweep_dir) / "optimization_results.yaml") as partial:
+            OmegaConf.save(OmegaConf.create(results), partial)
 
 
 def _check_direction(metric: str, direction: str) -> None:
@@ -285,33 +307,87 @@ def _tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn) -> None:
 
 
 def _counted(study: optuna.Study) -> list[FrozenTrial]:
-    """Trials that count toward n_trials: finished ones (not interrupted), and running ones."""
+    """Trials that count toward n_trials: finished ones (not interrupted nor given back), and
+    running ones."""
     return [
         t
         for t in study.get_trials(deepcopy=False)
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))
+        or (
+            t.state == TrialState.FAIL
+            and not t.user_attrs.get(INTERRUPTED)
+            and not t.user_attrs.get(SURPLUS)
+        )
     ]
 
 
-def _mark_interrupted(study: optuna.Study, shared: bool) -> None:
-    """Fails the running trials whose process is gone: on this machine, ended or from before
+def _within_budget(
+    study: optuna.Study, asked: list[optuna.Trial], n_trials: int
+) -> list[optuna.Trial]:
+    """The asked trials that fit in `n_trials`; the others are given back. Workers that ask at
+    once each see the others' trials once asked: ranked by trial number, the first n_trials
+    counted trials run, so every worker gives back the same ones."""
+    ranked = sorted(t.number for t in _counted(study))
+    kept = set(ranked[:n_trials])
+    for trial in asked:
+        if trial.number not in kept:
+            trial.set_user_attr(SURPLUS, True)
+            study.tell(trial, state=TrialState.FAIL)
+            log.info("Trial %d given back: another worker took the search's last trial",
+                     trial.number)  # fmt: skip
+    return [trial for trial in asked if trial.number in kept]
+
+
+def _mark_interrupted(study: optuna.Study, shared: bool, sweep_dir: Path, metric: str) -> None:
+    """Ends the running trials whose process is gone: on this machine, ended or from before
     a reboot (pids are reused); on other machines, every one unless the storage is `shared`
     by parallel workers (a database server), whose trials are left alone. A search continued
-    on another machine (another node of a cluster) frees the trial that died on the first."""
-    host, boot, _ = _this_worker().split(":")
+    on another machine (another node of a cluster) frees the trial that died on the first.
+
+    A trial whose job had completed (its folder's metrics.json says so) is told its result:
+    the process died between the two. The others fail, marked `interrupted`; their folder's
+    metrics.json says so where the job left none, and their half-written files are deleted."""
+    host, boot, this_pid = _this_worker().split(":")
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial_host, trial_boot, pid = trial.user_attrs.get(WORKER, "::").split(":")
+        if WORKER not in trial.user_attrs and _just_asked(trial):
+            continue  # a worker's, which records itself in a moment
         if trial_host == host and pid.isdigit():
-            gone = trial_boot != boot or int(pid) == os.getpid() or not _alive(int(pid))
+            gone = trial_boot != boot or pid == this_pid or not process_alive(int(pid))
         else:
             gone = not shared
         if gone:
-            running = optuna.Trial(study, trial._trial_id)
-            running.set_user_attr(INTERRUPTED, True)
-            study.tell(running, state=TrialState.FAIL)
-            log.warning("Trial %d was interrupted (process %s on %s ended): not counted",
-                        trial.number, pid or "?", trial_host or "?")  # fmt: skip
+            _end_orphaned(study, trial, sweep_dir / str(trial.number), metric,
+                          f"process {pid or '?'} on {trial_host or '?'} ended")  # fmt: skip
+
+
+def _just_asked(trial: FrozenTrial) -> bool:
+    started = trial.datetime_start
+    return started is not None and datetime.now() - started < UNCLAIMED_GRACE
+
+
+def _end_orphaned(
+    study: optuna.Study, trial: FrozenTrial, folder: Path, metric: str, why: str
+) -> None:
+    """Tells the study how the trial of a dead process ended (see _mark_interrupted)."""
+    running = optuna.Trial(study, trial._trial_id)
+    record = read_record(folder / "metrics.json") or {}
+    value = record.get(metric)
+    if record.get("status") in FINISHED and isinstance(value, int | float) and math.isfinite(value):
+        if record["status"] == "pruned":
+            study.tell(running, state=TrialState.PRUNED)
+        else:
+            study.tell(running, value)
+        log.warning("Trial %d %s before its result was told (%s): told now", trial.number,
+                    record["status"], why)  # fmt: skip
+        return
+    running.set_user_attr(INTERRUPTED, True)
+    study.tell(running, state=TrialState.FAIL)
+    log.warning("Trial %d was interrupted (%s): not counted", trial.number, why)
+    if (folder / ".hydra").is_dir():
+        if "status" not in record:  # a job stopped by a signal says so itself
+            record_failure(folder, "interrupted", f"Interrupted: the search's {why}")
+        remove_orphaned_partials(folder / "checkpoints")
 
 
 def _this_worker() -> str:
@@ -319,13 +395,3 @@ def _this_worker() -> str:
     boot_id = Path("/proc/sys/kernel/random/boot_id")
     boot = boot_id.read_text().strip() if boot_id.is_file() else ""
     return f"{socket.gethostname()}:{boot}:{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

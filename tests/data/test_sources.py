@@ -21,7 +21,7 @@ from cifar_cnn.data.sources import CIFAR10Source, suffix
 from cifar_cnn.errors import DataNotFoundError, UserError
 from cifar_cnn.prediction import load_image_file
 
-from ..conftest import make_image_folder, ready
+from ..conftest import file_size_limit, make_image_folder, ready
 
 
 def folder_contents(root: Path) -> dict[Path, bytes]:
@@ -212,16 +212,22 @@ def test_a_cache_folder_that_cannot_be_written_is_named_before_decoding(
     ):
         ready(tiny_data_dir, not_a_folder)
     assert not decoded
-    monkeypatch.undo()
 
-    def full_disk(obj: object, path: Path) -> None:
-        Path(path).write_bytes(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match=f"cannot write the data cache in {tmp_path / 'c2'}"):
-        ready(tiny_data_dir, tmp_path / "c2")
-    assert list((tmp_path / "c2").iterdir()) == []  # no half-written file left
+def test_a_cache_write_on_a_full_disk_stops_naming_the_cache_and_leaves_no_part(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    source = CIFAR10Source(tiny_data_dir, tmp_path / "cache", download=False)
+    with file_size_limit(50_000), pytest.raises(UserError) as error:  # the cache is ~0.5 MB
+        source.prepare()
+    assert str(error.value) == (
+        f"cannot write the data cache {source.cache_path} (File too large: the file size limit "
+        "(ulimit -f) is reached): free space there, or point data.cache_dir (or the "
+        "environment variable CIFAR_CNN_CACHE_DIR) at a folder on another disk"
+    )
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written file left
+    source.prepare()  # space again: written
+    assert set(source.load()) == {"train_images", "train_labels", "test_images", "test_labels"}
 
 
 def test_images_of_another_size_stop_the_run_and_grayscale_ones_are_converted(
@@ -347,3 +353,32 @@ def test_a_read_only_data_folder_works(tiny_data_dir: Path, tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["80", "20", "40"]
+
+
+def test_the_cache_folder_keeps_the_recent_caches_and_those_in_use(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    older = [cache / f"cifar10-{i:08x}-{i:016x}.pt" for i in range(5)]  # other folders'
+    for age, path in enumerate(older):  # older[0] the most recently used
+        torch.save({"x": torch.zeros(1)}, path)
+        os.utime(path, (1e9 - age, 1e9 - age))
+    held_elsewhere = subprocess.Popen(  # another process, about to read the oldest
+        [sys.executable, "-c", f"import fcntl, sys; f = open({str(older[4])!r}, 'rb'); "
+         "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert held_elsewhere.stdout.readline() == "held\n"
+    partial = cache / f".cifar10-x-y.pt.{2**22 + 1}.tmp"  # of a process killed while writing
+    partial.write_bytes(b"half")
+    try:
+        source = CIFAR10Source(tiny_data_dir, cache, download=False)
+        source.prepare()
+        assert set(cache.iterdir()) == {older[0], older[1], older[4], source.cache_path}
+    finally:
+        held_elsewhere.communicate("")
+    other = CIFAR10Source(make_image_folder(tmp_path / "b", {"train": 1, "test": 1}), cache,
+                          download=False)  # fmt: skip
+    other.prepare()  # no more in use: pruned as the others
+    assert set(cache.iterdir()) == {older[0], source.cache_path, other.cache_path}
