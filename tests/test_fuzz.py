@@ -57,7 +57,8 @@ def every_key(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
     folder = tmp_path_factory.mktemp("fuzz-config")
     cfg = compose_in("train", ["experiment=fast"], folder / "run", folder / "cache")
     others = {"model.scheduler.max_lr": 3e-3, "model.net.dropout": 0.2, "num_errors": 16,
-              "model.net.hidden_units": 128, "precision": "32-true", "tta": True}  # fmt: skip
+              "model.net.hidden_units": 128, "precision": "32-true", "tta": True,
+              "callbacks.ema.decay": 0.999, "callbacks.early_stopping.patience": 5}  # fmt: skip
     for key, value in others.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     validate(cfg)

@@ -276,13 +276,15 @@ def test_an_epoch_without_validation_shows_no_validation_metrics(
 def test_the_resnet18_recipe_runs_end_to_end_on_a_short_cpu_schedule(
     data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
-    """experiment=resnet18 with the short schedule its docs give: three steps, one batch of
-    validation and test, quietly; the learning-rate curve and the average are in the run."""
+    """experiment=resnet18 with the short schedule its docs give: three steps, one (small)
+    batch of validation and test, quietly; the learning-rate curve and the average are in the
+    run."""
     run_dir = tmp_path / "run"
     result = run_train_py(
         "experiment=resnet18", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
         "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
-        "trainer.log_every_n_steps=1", "trainer.accelerator=cpu", f"data.data_dir={data_dir}",
+        "trainer.log_every_n_steps=1", "trainer.accelerator=cpu", "data.eval_batch_size=32",
+        f"data.data_dir={data_dir}",
         f"hydra.run.dir={run_dir}", cache_dir=cache_dir, cwd=tmp_path,
     )  # fmt: skip
     output = result.stdout + result.stderr
