@@ -31,8 +31,9 @@ def policies() -> dict[str, dict]:
     configs = {}
     for path in sorted(CONF.glob("*.yaml")):
         config = OmegaConf.load(path)
-        config.num_classes = 10 if "num_classes" in config else None  # ${model.num_classes}
-        configs[path.stem] = {k: v for k, v in OmegaConf.to_container(config).items() if v}
+        if "num_classes" in config:  # ${model.num_classes} in a training config
+            config.num_classes = 10
+        configs[path.stem] = OmegaConf.to_container(config)
     return configs
 
 

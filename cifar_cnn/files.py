@@ -61,12 +61,17 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def finished_record(output_dir: Path) -> dict[str, Any] | None:
+    """The metrics.json of the run in `output_dir`, if that run finished (FINISHED)."""
+    record = read_record(output_dir / "metrics.json")
+    return record if record is not None and record.get("status") in FINISHED else None
+
+
 def record_failure(output_dir: Path, status: str, error: str) -> None:
     """metrics.json in `output_dir` says the job failed, stopped or was interrupted, and why;
     a completed run's record is kept. The job writes it, or for a job whose process was
     killed, the launcher (hydra_plugins/cifar_cnn_launchers) or the search."""
-    earlier = read_record(output_dir / "metrics.json")
-    if earlier is not None and earlier.get("status") in FINISHED:
+    if finished_record(output_dir) is not None:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     record = json.dumps({"status": status, "error": error}, indent=2) + "\n"

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict, read_write
 
 from cifar_cnn.errors import StoppedBySignal, UserError
-from cifar_cnn.files import FINISHED, read_record, record_failure
+from cifar_cnn.files import finished_record, record_failure
 from cifar_cnn.resume import continued_config
 from cifar_cnn.training import train
 
@@ -28,7 +28,7 @@ def train_in_sweep(cfg: DictConfig, script: str) -> float:
     try:
         if cfg.get("ckpt_path"):
             raise UserError("resume one run at a time: ckpt_path does not go with -m")
-        recorded = _completed_record(Path(cfg.paths.output_dir))
+        recorded = finished_record(Path(cfg.paths.output_dir))
         if recorded is not None:  # requeued, or its sweep run again, after it completed
             log.info("This job's run completed before: its metrics stand")
             return _metric(recorded, cfg.optimized_metric)
@@ -80,9 +80,3 @@ def _record_failure(cfg: DictConfig, status: str, error: Exception) -> None:
     """The job's metrics.json says it failed or stopped; a completed run's record is kept."""
     if rank_zero_only.rank == 0:
         record_failure(Path(cfg.paths.output_dir), status, f"{type(error).__name__}: {error}")
-
-
-def _completed_record(output_dir: Path) -> dict[str, Any] | None:
-    """The metrics.json of the run in that folder, if that run completed (or was pruned)."""
-    record = read_record(output_dir / "metrics.json")
-    return record if record is not None and record.get("status") in FINISHED else None

@@ -102,8 +102,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
     # Written then renamed: a search's parallel workers each write the summary as they end.
     with written_then_renamed(sweep_dir / "summary.csv") as partial:
-        with_header = [dict(zip(COLUMNS, COLUMNS, strict=True)), *rows]
-        partial.write_text(_csv(with_header))
+        partial.write_text(_csv(rows))
     with written_then_renamed(sweep_dir / "summary.md") as partial:
         partial.write_text(_markdown(rows, sorted(shared), sweep_dir.resolve()))
     with written_then_renamed(sweep_dir / "summary.png") as partial:
@@ -114,7 +113,9 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def _csv(rows: list[dict[str, Any]]) -> str:
     text = io.StringIO(newline="")
-    csv.DictWriter(text, fieldnames=COLUMNS).writerows(rows)
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
     return text.getvalue()
 
 
