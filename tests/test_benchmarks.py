@@ -206,3 +206,21 @@ def test_augment_speed_smoke_run_times_every_policy() -> None:
     assert policies < timed and "flip_and_shift_4" in timed
     assert {"trivialaugment_one_draw_per_batch", "cutout_one_draw_per_batch"} < timed
     assert all(ms > 0 for ms in summary["ms_per_batch"].values())
+
+
+def test_sweep_throughput_smoke_run_times_each_number_of_jobs_at_once(
+    tiny_data_dir: Path, cache_dir: Path
+) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "sweep_throughput.py"), "--jobs", "2",
+               "--concurrent", "1,2", "--epochs", "1", "--", "trainer.accelerator=cpu",
+               "data.batch_size=10", "hydra.launcher.threads_per_job=1"]  # fmt: skip
+    env = {**os.environ, "CIFAR10_DIR": str(tiny_data_dir), "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["jobs"], summary["epochs"]) == (2, 1)
+    assert [s["max_concurrent_jobs"] for s in summary["sweeps"]] == [1, 2]
+    for sweep in summary["sweeps"]:
+        assert sweep["completed"] == 2 and sweep["jobs_per_hour"] > 0
+        assert 0 <= sweep["mean_test_acc"] <= 1
+    assert summary["speedup_over_one_at_a_time"]["1"] == 1.0

@@ -1,5 +1,6 @@
 """Cluster launching through Hydra's submitit plugin: the SLURM config composes; its local
-stand-in runs a sweep for real, and a job signalled as preempted is requeued and continues."""
+stand-in runs a sweep for real, and a job signalled as preempted is requeued and continues;
+hydra/launcher=shared_gpu runs a sweep a few jobs at a time."""
 
 import json
 import os
@@ -38,6 +39,72 @@ def test_local_launchers_jobs_see_this_machines_gpus() -> None:
         cfg = compose("train", overrides=["hydra/launcher=local"], return_hydra_config=True)
     # submitit sets CUDA_VISIBLE_DEVICES to this many (none: "", every GPU hidden).
     assert cfg.hydra.launcher.gpus_per_node == torch.cuda.device_count()
+
+
+def test_shared_gpu_launcher_runs_a_few_jobs_at_a_time() -> None:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        local = compose("train", overrides=["hydra/launcher=local"], return_hydra_config=True)
+        shared = compose("train", overrides=["hydra/launcher=shared_gpu"], return_hydra_config=True)
+    assert local.hydra.launcher.max_concurrent_jobs is None  # submitit's own: all at once
+    assert shared.hydra.launcher.max_concurrent_jobs == 4
+    assert shared.hydra.launcher._target_ == local.hydra.launcher._target_
+    assert shared.hydra.launcher.gpus_per_node == torch.cuda.device_count()
+
+
+@pytest.mark.parametrize("setting", ["max_concurrent_jobs=0", "threads_per_job=-1"])
+def test_a_launch_setting_below_one_is_refused_by_name(
+    setting: str, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=shared_gpu",
+        f"hydra.launcher.{setting}", "seed=1,2", f"data.data_dir={tiny_data_dir}",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    key, value = setting.split("=")
+    assert f"hydra.launcher.{key} is {value}: give a number from 1 up, or null" in output
+    assert "Traceback" not in output
+    assert not (sweep / "0").exists()  # no job started
+
+
+@pytest.mark.slow
+def test_two_jobs_at_a_time_with_a_thread_each(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Three jobs, at most two at once: the third starts only when one of the first two has
+    finished, and each job's torch has the one thread it was given."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=shared_gpu",
+        "hydra.launcher.max_concurrent_jobs=2", "hydra.launcher.threads_per_job=1", "seed=1,2,3",
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
+        "trainer.max_epochs=3", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    # Without the launcher's setting, each job would take this many threads.
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "At most 2 jobs at once" in result.stdout + result.stderr
+
+    started, ended = {}, {}
+    for job in ("0", "1", "2"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["epochs"] == 3
+        overrides = (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        assert f"seed={int(job) + 1}" in overrides  # each job in its own folder
+        info = sweep / job / "run_info.json"
+        assert json.loads(info.read_text())["cpu_threads"] == 1
+        started[job] = info.stat().st_mtime  # written as training starts
+        ended[job] = (sweep / job / "metrics.json").stat().st_mtime
+    assert started["1"] < ended["0"] and started["0"] < ended["1"]  # the first two together
+    assert started["2"] > min(ended["0"], ended["1"])  # the third in the place of one of them
+    summary = (sweep / "summary.md").read_text()
+    assert "(3 jobs," in summary and summary.count("| completed |") == 3
 
 
 @pytest.mark.slow

@@ -8,17 +8,24 @@ reads the jobs' results one after another, ends the sweep there, without the oth
 results or the sweep's summary. These launchers read each job's result on its own: such a
 job gets `"status": "failed"` in its metrics.json and NaN as its result, and the sweep goes
 on to its end (SweepSummary then exits with status 1, naming it).
+
+The local launcher can also run a sweep's jobs a few at a time (`max_concurrent_jobs`), each
+with its share of the CPU threads: submitit's local executor starts every job at once.
 """
 
 import logging
 import math
+import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     BaseSubmititLauncher,
     LocalLauncher,
@@ -27,6 +34,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from cifar_cnn.errors import UserError, exit_on_user_error
 from cifar_cnn.files import record_failure
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,10 @@ log = logging.getLogger(__name__)
 # Seconds submitit waits for a finished job's result file to appear (its default: 15, for a
 # cluster's network file system); a local job writes it on this machine's disk.
 LOCAL_RESULT_WAIT_S = 2
+# Seconds between looks for a finished job while the next one waits for its place.
+FREE_PLACE_POLL_S = 0.5
+# The local launcher's settings beyond submitit's: they configure the launch, not the executor.
+LAUNCH_KEYS = {"max_concurrent_jobs", "threads_per_job"}
 
 
 class JobsThatDieFail(BaseSubmititLauncher):
@@ -45,6 +57,11 @@ class JobsThatDieFail(BaseSubmititLauncher):
         import submitit  # lazily, as Hydra's launcher: plugin discovery stays fast
 
         assert self.config is not None and len(job_overrides) > 0
+        with exit_on_user_error():
+            for key in sorted(LAUNCH_KEYS):
+                if (value := self.params.get(key)) is not None and value < 1:
+                    raise UserError(f"hydra.launcher.{key} is {value}: give a number from 1 "
+                                    "up, or null")  # fmt: skip
         init_keys = {"max_num_timeout"}
         init_params = {"folder": self.params["submitit_folder"]} | {
             f"{self._EXECUTOR}_{key}": value
@@ -57,8 +74,9 @@ class JobsThatDieFail(BaseSubmititLauncher):
             **{
                 key if key in base_params else f"{self._EXECUTOR}_{key}": value
                 for key, value in self.params.items()
-                if key not in init_keys | {"submitit_folder"}
-            }
+                if key not in init_keys | LAUNCH_KEYS | {"submitit_folder", "setup"}
+            },
+            **self._setup(),
         )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
@@ -71,11 +89,41 @@ class JobsThatDieFail(BaseSubmititLauncher):
             log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", number,
                                f"job_id_for_{number}", Singleton.get_state()))  # fmt: skip
-        jobs = executor.map_array(self, *zip(*job_params, strict=True))
+        max_concurrent_jobs = self.params.get("max_concurrent_jobs")
+        if max_concurrent_jobs is None:
+            jobs = executor.map_array(self, *zip(*job_params, strict=True))
+        else:
+            jobs = self._submit_in_turn(executor, job_params, max_concurrent_jobs)
         return [
             self._result(job, list(overrides), number)
             for job, overrides, number in zip(jobs, job_overrides, numbers, strict=True)
         ]
+
+    def _submit_in_turn(
+        self, executor: Any, job_params: list[tuple[Any, ...]], max_concurrent_jobs: int
+    ) -> list[Any]:
+        """Each job submitted once fewer than `max_concurrent_jobs` run: its process, and so its
+        time limit, starts when it has a place."""
+        log.info(f"At most {max_concurrent_jobs} jobs at once")
+        jobs: list[Any] = []
+        for params in job_params:
+            while sum(not job.done() for job in jobs) >= max_concurrent_jobs:
+                time.sleep(FREE_PLACE_POLL_S)
+            jobs.append(executor.submit(self, *params))
+        return jobs
+
+    def _setup(self) -> dict[str, list[str]]:
+        """The executor's `setup` (shell lines run before each job), with the jobs' CPU threads
+        set where threads_per_job or max_concurrent_jobs asks: OMP_NUM_THREADS must be in a
+        job's environment before it imports torch."""
+        setup = list(self.params.get("setup") or [])
+        threads = self.params.get("threads_per_job")
+        max_concurrent_jobs = self.params.get("max_concurrent_jobs")
+        if threads is None and max_concurrent_jobs is not None:  # the cores shared out
+            threads = max(1, len(os.sched_getaffinity(0)) // max_concurrent_jobs)
+        if threads is not None:
+            setup.append(f"export OMP_NUM_THREADS={threads}")
+        return {f"{self._EXECUTOR}_setup": setup} if setup else {}
 
     def _result(self, job: Any, overrides: list[str], number: int) -> JobReturn:
         """The job's own result; for a job whose process ended without one, a failed job's."""
@@ -119,8 +167,23 @@ class JobsThatDieFail(BaseSubmititLauncher):
 
 
 class LocalJobsThatDieFail(JobsThatDieFail, LocalLauncher):
-    """hydra/launcher=local."""
+    """hydra/launcher=local and =shared_gpu."""
 
 
 class SlurmJobsThatDieFail(JobsThatDieFail, SlurmLauncher):
     """hydra/launcher=slurm."""
+
+
+@dataclass
+class LocalJobsConf(LocalQueueConf):
+    """Hydra's submitit_local config, with this launcher and its two settings of the launch
+    (conf/hydra/launcher/local.yaml says what they do)."""
+
+    _target_: str = "hydra_plugins.cifar_cnn_launchers.submitit_jobs.LocalJobsThatDieFail"
+    max_concurrent_jobs: int | None = None
+    threads_per_job: int | None = None
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="cifar_cnn_local", node=LocalJobsConf, provider="cifar_cnn"
+)
