@@ -37,9 +37,12 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 ALL_PARTS=(fast overhead shared_gpu resnet18)
-PARTS=("${@:-${ALL_PARTS[@]}}")
+PARTS=("${ALL_PARTS[@]}")
+(($#)) && PARTS=("$@")
 for part in "${PARTS[@]}"; do  # every named part is one, before anything runs
-    [[ " ${ALL_PARTS[*]} " == *" $part "* ]] || { echo "no part '$part': ${ALL_PARTS[*]}"; exit 2; }
+    known=false
+    for name in "${ALL_PARTS[@]}"; do [[ "$part" == "$name" ]] && known=true; done
+    $known || { echo "no part '$part': ${ALL_PARTS[*]}" >&2; exit 2; }
 done
 OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT" /tmp/data
@@ -112,7 +115,8 @@ part_shared_gpu() {
     # larger share than in the 10-epoch recipe: each sweep's line also gives its jobs' mean
     # fit_time_s).
     python3 benchmarks/sweep_throughput.py --jobs 16 --concurrent 1,8 --epochs 3 \
-        -- trainer=gpu 2>&1 | tail -3 | tee "$OUT/shared_gpu.txt"
+        -- trainer=gpu 2>&1 | tail -3 | tee "$OUT/shared_gpu.txt" ||
+        echo "sweep_throughput.py failed; the measurements below go on"
 }
 
 part_resnet18() {
@@ -121,7 +125,7 @@ part_resnet18() {
     python3 train.py -m experiment=resnet18 trainer=gpu trainer.precision=bf16-mixed seed=0,1,2 \
         hydra/launcher=shared_gpu hydra.sweep.dir=/tmp/sweeps/resnet18 > /tmp/resnet18.log 2>&1 ||
         tail -20 /tmp/resnet18.log
-    cat /tmp/sweeps/resnet18/summary.md && cp /tmp/sweeps/resnet18/summary.csv "$OUT/" || true
+    cat /tmp/sweeps/resnet18/summary.md && cp /tmp/sweeps/resnet18/summary.csv "$OUT/resnet18.csv" || true
 }
 
 for part in "${PARTS[@]}"; do

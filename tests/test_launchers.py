@@ -9,10 +9,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+
+from cifar_cnn.errors import UserError
+from hydra_plugins.cifar_cnn_launchers.submitit_jobs import (
+    LocalJobsThatDieFail,
+    SlurmJobsThatDieFail,
+)
 
 from .conftest import CONFIG_DIR
 
@@ -41,7 +48,7 @@ def test_local_launchers_jobs_see_this_machines_gpus() -> None:
     assert cfg.hydra.launcher.gpus_per_node == torch.cuda.device_count()
 
 
-def test_shared_gpu_launcher_runs_a_few_jobs_at_a_time() -> None:
+def test_shared_gpu_launcher_is_the_local_one_with_four_jobs_at_once() -> None:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         local = compose("train", overrides=["hydra/launcher=local"], return_hydra_config=True)
         shared = compose("train", overrides=["hydra/launcher=shared_gpu"], return_hydra_config=True)
@@ -51,6 +58,40 @@ def test_shared_gpu_launcher_runs_a_few_jobs_at_a_time() -> None:
     assert shared.hydra.launcher.gpus_per_node == torch.cuda.device_count()
 
 
+def launcher(kind: type, **params: Any) -> Any:
+    """A launcher as Hydra makes it from its config, before it launches anything."""
+    return kind(submitit_folder="unused", **params)
+
+
+@pytest.mark.parametrize(
+    ("params", "jobs", "setup"),
+    [
+        ({}, 8, None),  # submitit's own: every job at once, each with every core
+        ({"max_concurrent_jobs": 4}, 8, ["export OMP_NUM_THREADS=4"]),  # 16 cores shared out
+        ({"max_concurrent_jobs": 4}, 2, ["export OMP_NUM_THREADS=8"]),  # among the 2 that run
+        ({"max_concurrent_jobs": 32}, 64, ["export OMP_NUM_THREADS=1"]),  # never below one
+        ({"threads_per_job": 3}, 8, ["export OMP_NUM_THREADS=3"]),
+        ({"setup": ["module load cuda"], "threads_per_job": 2}, 8,
+         ["module load cuda", "export OMP_NUM_THREADS=2"]),
+    ],
+)  # fmt: skip
+def test_each_jobs_threads_are_set_before_it_starts(
+    params: dict, jobs: int, setup: list[str] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    local = launcher(LocalJobsThatDieFail, **params)
+    assert local._setup(jobs) == ({"local_setup": setup} if setup else {})
+
+
+def test_slurm_keeps_its_setup_and_refuses_the_local_settings() -> None:
+    slurm = launcher(SlurmJobsThatDieFail, setup=["module load cuda"])
+    assert slurm._setup(8) == {"slurm_setup": ["module load cuda"]}
+    slurm._check_launch_settings()
+    with pytest.raises(UserError, match="hydra.launcher.max_concurrent_jobs is for hydra/launch"):
+        launcher(SlurmJobsThatDieFail, max_concurrent_jobs=4)._check_launch_settings()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["max_concurrent_jobs=0", "threads_per_job=-1"])
 def test_a_launch_setting_below_one_is_refused_by_name(
     setting: str, tiny_data_dir: Path, tmp_path: Path
@@ -81,7 +122,7 @@ def test_two_jobs_at_a_time_with_a_thread_each(
         sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=shared_gpu",
         "hydra.launcher.max_concurrent_jobs=2", "hydra.launcher.threads_per_job=1", "seed=1,2,3",
         f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
-        "trainer.max_epochs=3", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
+        "trainer.max_epochs=5", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     # Without the launcher's setting, each job would take this many threads.
     env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "2"}
@@ -94,7 +135,7 @@ def test_two_jobs_at_a_time_with_a_thread_each(
     started, ended = {}, {}
     for job in ("0", "1", "2"):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
-        assert metrics["status"] == "completed" and metrics["epochs"] == 3
+        assert metrics["status"] == "completed" and metrics["epochs"] == 5
         overrides = (sweep / job / ".hydra" / "overrides.yaml").read_text()
         assert f"seed={int(job) + 1}" in overrides  # each job in its own folder
         info = sweep / job / "run_info.json"

@@ -58,10 +58,7 @@ class JobsThatDieFail(BaseSubmititLauncher):
 
         assert self.config is not None and len(job_overrides) > 0
         with exit_on_user_error():
-            for key in sorted(LAUNCH_KEYS):
-                if (value := self.params.get(key)) is not None and value < 1:
-                    raise UserError(f"hydra.launcher.{key} is {value}: give a number from 1 "
-                                    "up, or null")  # fmt: skip
+            self._check_launch_settings()
         init_keys = {"max_num_timeout"}
         init_params = {"folder": self.params["submitit_folder"]} | {
             f"{self._EXECUTOR}_{key}": value
@@ -76,7 +73,7 @@ class JobsThatDieFail(BaseSubmititLauncher):
                 for key, value in self.params.items()
                 if key not in init_keys | LAUNCH_KEYS | {"submitit_folder", "setup"}
             },
-            **self._setup(),
+            **self._setup(len(job_overrides)),
         )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
@@ -112,15 +109,32 @@ class JobsThatDieFail(BaseSubmititLauncher):
             jobs.append(executor.submit(self, *params))
         return jobs
 
-    def _setup(self) -> dict[str, list[str]]:
+    def _check_launch_settings(self) -> None:
+        """max_concurrent_jobs and threads_per_job: numbers from 1 up, on the local launcher
+        (SLURM has its own cap, array_parallelism, and its own cores per job)."""
+        for key in sorted(LAUNCH_KEYS):
+            value = self.params.get(key)
+            if value is None:
+                continue
+            if self._EXECUTOR != "local":
+                raise UserError(f"hydra.launcher.{key} is for hydra/launcher=local or "
+                                "shared_gpu; on SLURM, hydra.launcher.array_parallelism caps "
+                                "the jobs at once and cpus_per_task sets their cores")  # fmt: skip
+            if value < 1:
+                raise UserError(f"hydra.launcher.{key} is {value}: give a number from 1 "
+                                "up, or null")  # fmt: skip
+
+    def _setup(self, jobs: int) -> dict[str, list[str]]:
         """The executor's `setup` (shell lines run before each job), with the jobs' CPU threads
         set where threads_per_job or max_concurrent_jobs asks: OMP_NUM_THREADS must be in a
-        job's environment before it imports torch."""
+        job's environment before it imports torch. Without threads_per_job, the cores are
+        shared out among the jobs that run at once (`jobs` of them at most)."""
         setup = list(self.params.get("setup") or [])
         threads = self.params.get("threads_per_job")
         max_concurrent_jobs = self.params.get("max_concurrent_jobs")
-        if threads is None and max_concurrent_jobs is not None:  # the cores shared out
-            threads = max(1, len(os.sched_getaffinity(0)) // max_concurrent_jobs)
+        if threads is None and max_concurrent_jobs is not None:
+            at_once = min(max_concurrent_jobs, jobs)
+            threads = max(1, len(os.sched_getaffinity(0)) // at_once)
         if threads is not None:
             setup.append(f"export OMP_NUM_THREADS={threads}")
         return {f"{self._EXECUTOR}_setup": setup} if setup else {}
