@@ -79,8 +79,17 @@ def test_each_jobs_threads_are_set_before_it_starts(
     params: dict, jobs: int, setup: list[str] | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     local = launcher(LocalJobsThatDieFail, **params)
     assert local._setup(jobs) == ({"local_setup": setup} if setup else {})
+
+
+def test_local_jobs_keep_the_gpus_the_sweep_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit would set CUDA_VISIBLE_DEVICES=0 for a job with one GPU: the machine's first."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    setup = launcher(LocalJobsThatDieFail, max_concurrent_jobs=2)._setup(4)["local_setup"]
+    assert setup[-1] == "export CUDA_VISIBLE_DEVICES=2,3"
+    assert "CUDA_VISIBLE_DEVICES" not in str(launcher(SlurmJobsThatDieFail)._setup(4))
 
 
 def test_slurm_keeps_its_setup_and_refuses_the_local_settings() -> None:

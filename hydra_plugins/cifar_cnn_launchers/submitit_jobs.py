@@ -16,6 +16,7 @@ with its share of the CPU threads: submitit's local executor starts every job at
 import logging
 import math
 import os
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,7 +129,8 @@ class JobsThatDieFail(BaseSubmititLauncher):
         """The executor's `setup` (shell lines run before each job), with the jobs' CPU threads
         set where threads_per_job or max_concurrent_jobs asks: OMP_NUM_THREADS must be in a
         job's environment before it imports torch. Without threads_per_job, the cores are
-        shared out among the jobs that run at once (`jobs` of them at most)."""
+        shared out among the jobs that run at once (`jobs` of them at most), rounded down.
+        Local jobs also keep the CUDA_VISIBLE_DEVICES of the sweep, where it is set."""
         setup = list(self.params.get("setup") or [])
         threads = self.params.get("threads_per_job")
         max_concurrent_jobs = self.params.get("max_concurrent_jobs")
@@ -137,6 +139,11 @@ class JobsThatDieFail(BaseSubmititLauncher):
             threads = max(1, len(os.sched_getaffinity(0)) // at_once)
         if threads is not None:
             setup.append(f"export OMP_NUM_THREADS={threads}")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if self._EXECUTOR == "local" and visible is not None:
+            # submitit numbers a local job's GPUs 0..n-1 in CUDA_VISIBLE_DEVICES, which names
+            # the machine's first n GPUs: the GPUs that this sweep was started with instead.
+            setup.append(f"export CUDA_VISIBLE_DEVICES={shlex.quote(visible)}")
         return {f"{self._EXECUTOR}_setup": setup} if setup else {}
 
     def _result(self, job: Any, overrides: list[str], number: int) -> JobReturn:
