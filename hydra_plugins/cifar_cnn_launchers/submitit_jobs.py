@@ -87,63 +87,28 @@ class JobsThatDieFail(BaseSubmititLauncher):
             log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", number,
                                f"job_id_for_{number}", Singleton.get_state()))  # fmt: skip
-        max_concurrent_jobs = self.params.get("max_concurrent_jobs")
-        if max_concurrent_jobs is None:
-            jobs = executor.map_array(self, *zip(*job_params, strict=True))
-        else:
-            jobs = self._submit_in_turn(executor, job_params, max_concurrent_jobs)
+        jobs = self._submit(executor, job_params)
         return [
             self._result(job, list(overrides), number)
             for job, overrides, number in zip(jobs, job_overrides, numbers, strict=True)
         ]
 
-    def _submit_in_turn(
-        self, executor: Any, job_params: list[tuple[Any, ...]], max_concurrent_jobs: int
-    ) -> list[Any]:
-        """Each job submitted once fewer than `max_concurrent_jobs` run: its process, and so its
-        time limit, starts when it has a place."""
-        log.info(f"At most {max_concurrent_jobs} jobs at once")
-        jobs: list[Any] = []
-        for params in job_params:
-            while sum(not job.done() for job in jobs) >= max_concurrent_jobs:
-                time.sleep(FREE_PLACE_POLL_S)
-            jobs.append(executor.submit(self, *params))
-        return jobs
+    def _submit(self, executor: Any, job_params: list[tuple[Any, ...]]) -> list[Any]:
+        """Every job at once, as Hydra's launcher submits them."""
+        return executor.map_array(self, *zip(*job_params, strict=True))
 
     def _check_launch_settings(self) -> None:
-        """max_concurrent_jobs and threads_per_job: numbers from 1 up, on the local launcher
-        (SLURM has its own cap, array_parallelism, and its own cores per job)."""
+        """The local launcher's own settings are refused here: SLURM has its own cap on the
+        jobs at once (array_parallelism) and its own cores per job (cpus_per_task)."""
         for key in sorted(LAUNCH_KEYS):
-            value = self.params.get(key)
-            if value is None:
-                continue
-            if self._EXECUTOR != "local":
+            if self.params.get(key) is not None:
                 raise UserError(f"hydra.launcher.{key} is for hydra/launcher=local or "
                                 "shared_gpu; on SLURM, hydra.launcher.array_parallelism caps "
                                 "the jobs at once and cpus_per_task sets their cores")  # fmt: skip
-            if value < 1:
-                raise UserError(f"hydra.launcher.{key} is {value}: give a number from 1 "
-                                "up, or null")  # fmt: skip
 
     def _setup(self, jobs: int) -> dict[str, list[str]]:
-        """The executor's `setup` (shell lines run before each job), with the jobs' CPU threads
-        set where threads_per_job or max_concurrent_jobs asks: OMP_NUM_THREADS must be in a
-        job's environment before it imports torch. Without threads_per_job, the cores are
-        shared out among the jobs that run at once (`jobs` of them at most), rounded down.
-        Local jobs also keep the CUDA_VISIBLE_DEVICES of the sweep, where it is set."""
+        """The executor's `setup` (shell lines run before each job), as configured."""
         setup = list(self.params.get("setup") or [])
-        threads = self.params.get("threads_per_job")
-        max_concurrent_jobs = self.params.get("max_concurrent_jobs")
-        if threads is None and max_concurrent_jobs is not None:
-            at_once = min(max_concurrent_jobs, jobs)
-            threads = max(1, len(os.sched_getaffinity(0)) // at_once)
-        if threads is not None:
-            setup.append(f"export OMP_NUM_THREADS={threads}")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if self._EXECUTOR == "local" and visible is not None:
-            # submitit numbers a local job's GPUs 0..n-1 in CUDA_VISIBLE_DEVICES, which names
-            # the machine's first n GPUs: the GPUs that this sweep was started with instead.
-            setup.append(f"export CUDA_VISIBLE_DEVICES={shlex.quote(visible)}")
         return {f"{self._EXECUTOR}_setup": setup} if setup else {}
 
     def _result(self, job: Any, overrides: list[str], number: int) -> JobReturn:
@@ -189,6 +154,45 @@ class JobsThatDieFail(BaseSubmititLauncher):
 
 class LocalJobsThatDieFail(JobsThatDieFail, LocalLauncher):
     """hydra/launcher=local and =shared_gpu."""
+
+    def _submit(self, executor: Any, job_params: list[tuple[Any, ...]]) -> list[Any]:
+        """With max_concurrent_jobs, each job submitted once fewer than that many run: its
+        process, and so its time limit, starts when it has a place."""
+        max_concurrent_jobs = self.params.get("max_concurrent_jobs")
+        if max_concurrent_jobs is None:
+            return super()._submit(executor, job_params)
+        log.info(f"At most {max_concurrent_jobs} jobs at once")
+        jobs: list[Any] = []
+        for params in job_params:
+            while sum(not job.done() for job in jobs) >= max_concurrent_jobs:
+                time.sleep(FREE_PLACE_POLL_S)
+            jobs.append(executor.submit(self, *params))
+        return jobs
+
+    def _check_launch_settings(self) -> None:
+        """max_concurrent_jobs and threads_per_job: numbers from 1 up, or null."""
+        for key in sorted(LAUNCH_KEYS):
+            if (value := self.params.get(key)) is not None and value < 1:
+                raise UserError(f"hydra.launcher.{key} is {value}: give a number from 1 "
+                                "up, or null")  # fmt: skip
+
+    def _setup(self, jobs: int) -> dict[str, list[str]]:
+        """The configured setup lines, then the jobs' CPU threads where threads_per_job or
+        max_concurrent_jobs asks (OMP_NUM_THREADS must be in a job's environment before it
+        imports torch): without threads_per_job, the cores shared out among the jobs that run
+        at once (`jobs` of them at most), rounded down. Then the sweep's CUDA_VISIBLE_DEVICES,
+        where it is set: submitit numbers a job's GPUs 0..n-1 there, which names the machine's
+        first n GPUs instead of the ones the sweep was started with."""
+        setup = super()._setup(jobs).get("local_setup", [])
+        threads = self.params.get("threads_per_job")
+        max_concurrent_jobs = self.params.get("max_concurrent_jobs")
+        if threads is None and max_concurrent_jobs is not None:
+            threads = max(1, len(os.sched_getaffinity(0)) // min(max_concurrent_jobs, jobs))
+        if threads is not None:
+            setup.append(f"export OMP_NUM_THREADS={threads}")
+        if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+            setup.append(f"export CUDA_VISIBLE_DEVICES={shlex.quote(visible)}")
+        return {"local_setup": setup} if setup else {}
 
 
 class SlurmJobsThatDieFail(JobsThatDieFail, SlurmLauncher):
