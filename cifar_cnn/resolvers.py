@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cifar_cnn.resume import config_subfolder, run_folder
-from cifar_cnn.runtime import default_precision, on_cuda
+from cifar_cnn.runtime import default_precision, on_cpu, on_cuda
 
 
 def stdout_isatty() -> bool:
@@ -22,6 +22,7 @@ def register_resolvers() -> None:
     """Registers every resolver of conf/ (again, where one is already registered)."""
     OmegaConf.register_new_resolver("stdout_isatty", stdout_isatty, replace=True)
     OmegaConf.register_new_resolver("gpu_count", torch.cuda.device_count, replace=True)
+    OmegaConf.register_new_resolver("on_cpu", on_cpu, replace=True)
     OmegaConf.register_new_resolver("on_cuda", on_cuda, replace=True)
     OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
     OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)

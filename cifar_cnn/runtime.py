@@ -26,6 +26,13 @@ def default_precision(accelerator: str) -> str:
     return "bf16-mixed" if native_bf16 else "32-true"
 
 
+def on_cpu(accelerator: str) -> bool:
+    """True when the trainer's `accelerator` puts it on the CPU on this machine."""
+    if accelerator == "auto":
+        accelerator = _select_auto_accelerator()
+    return accelerator == "cpu"
+
+
 def on_cuda(accelerator: str) -> bool:
     """True when the trainer's `accelerator` puts it on CUDA GPUs on this machine."""
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()

@@ -37,19 +37,23 @@ def run_train(run_dir: Path, cache_dir: Path, data_dir: Path, *overrides: str) -
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("on_device", ["false", "true"])  # the GPU and the CPU default
 def test_two_processes_train_like_one_with_the_same_global_batch(
-    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+    on_device: str, tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     """Same global batches (20 images: 10 per process), no dropout: the metrics agree within
     float32 rounding (losses to 1e-3, accuracies to one image: 1/20 of val, 1/40 of test)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     fresh_cache = tmp_path / "cache"  # built by one process, read by both
     float32 = "trainer.precision=32-true"  # bf16 would round the two runs differently
+    data_path = f"data.on_device={on_device}"
     output = run_train(
-        ddp, fresh_cache, tiny_data_dir, "trainer=ddp_cpu", "data.batch_size=10", float32
+        ddp, fresh_cache, tiny_data_dir, "trainer=ddp_cpu", "data.batch_size=10", float32, data_path
     )
     assert output.count("Decoding") == 1 and len(list(fresh_cache.glob("*.pt"))) == 1
-    run_train(single, cache_dir, tiny_data_dir, "trainer=cpu", "data.batch_size=20", float32)
+    run_train(
+        single, cache_dir, tiny_data_dir, "trainer=cpu", "data.batch_size=20", float32, data_path
+    )
 
     # One run folder, written once: one config record, one metrics.json, one set of checkpoints;
     # one report of each epoch and of the test accuracy.

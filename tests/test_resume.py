@@ -132,8 +132,8 @@ def stop_after(compose_config: Callable[..., DictConfig], step: int, *overrides:
 @pytest.mark.parametrize(
     "data",
     [
-        ["data=cifar10"],
-        ["data=cifar10_on_device"],
+        ["data.on_device=false"],  # through the DataLoader, the GPU default
+        ["data.on_device=true"],
         # with a schedule, the data module's loader is set up before the checkpoint is loaded
         ["experiment=tutorial_augmented"],
         # the average's state and the policies' draws go on too

@@ -1,4 +1,5 @@
-"""Process settings: the default precision, and no NVML search at every Adam step without a GPU."""
+"""Process settings: the default precision and data path, and no NVML search at every Adam step
+without a GPU."""
 
 import os
 from collections.abc import Callable
@@ -36,6 +37,22 @@ def test_the_default_precision_is_bf16_autocast_on_cpus_that_compute_bf16(
     assert compose_config().trainer.precision == "32-true"  # XLA takes no bf16-mixed
     assert compose_config("trainer=ddp_cpu").trainer.precision == on_cpu
     assert compose_config("trainer.precision=16-mixed").trainer.precision == "16-mixed"
+
+
+@pytest.mark.parametrize("auto", ["cpu", "cuda", "mps"])
+def test_the_data_stays_on_the_device_by_default_on_cpus_only(
+    auto: str, monkeypatch: pytest.MonkeyPatch, compose_config: Callable[..., DictConfig]
+) -> None:
+    """On a CPU slicing batches is the faster; on a GPU the DataLoader is."""
+    monkeypatch.setattr(cifar_cnn.runtime, "_select_auto_accelerator", lambda: auto)
+    assert compose_config().data.on_device is (auto == "cpu")
+    for trainer in ("cpu", "ddp_cpu"):
+        assert compose_config(f"trainer={trainer}").data.on_device is True
+    for accelerator in ("cuda", "gpu", "mps"):
+        assert compose_config(f"trainer.accelerator={accelerator}").data.on_device is False
+    assert compose_config("trainer=gpu").data.on_device is False
+    assert compose_config("data.on_device=false").data.on_device is False
+    assert compose_config("trainer=gpu", "data=cifar10_on_device").data.on_device is True
 
 
 needs_no_gpu = pytest.mark.skipif(
