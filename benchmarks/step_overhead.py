@@ -17,6 +17,9 @@ machine drifts):
    DataLoader, and data on the device with the module's per-step bookkeeping left out
    (`BareTrainingStep`: the loss alone; no training metrics or logging), which is what that
    bookkeeping costs. `--precision` applies to these paths.
+3. On a CPU, the two data paths alone: an epoch's training and validation batches drawn
+   through each, with nothing trained (`us_per_batch`): what the path costs, which the
+   training step's spread from round to round hides.
 
 python benchmarks/step_overhead.py --device cuda --epochs 3
 python benchmarks/step_overhead.py --device cpu --precision 32-true   # float32 on a CPU
@@ -176,6 +179,24 @@ def config_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> fl
     return train_speed.project_fit(cfg, args, datamodule, steps)["epoch_s"] / steps
 
 
+def batch_s(cfg: DictConfig, on_device: bool) -> float:
+    """Seconds a batch to draw an epoch's training and validation batches on the CPU, through
+    the DataLoader or sliced from the tensors (`data.on_device`), with nothing trained."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.data.on_device = on_device
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loaders = (datamodule.train_dataloader(), datamodule.val_dataloader())
+    batches = 0
+    start = time.perf_counter()
+    for loader in loaders:
+        for _ in loader:
+            batches += 1
+    return (time.perf_counter() - start) / batches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -207,6 +228,7 @@ def main() -> None:
     rows = _Rows(inputs, torch.randint(0, 2, (ROWS,), device=device))
     one_layer_plain(rows, device)  # warm-up: the device's first kernels
     timings: dict[str, list[float]] = {}
+    batch_timings: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, run in (
             ("one_layer_plain", one_layer_plain),
@@ -222,6 +244,9 @@ def main() -> None:
             timings.setdefault(name, []).append(run(rows, device) / ROWS)
         for variant in ("plain", "on_device", "dataloader", "bare_step"):
             timings.setdefault(variant, []).append(config_step_s(cfg, args, variant))
+        if device.type == "cpu":
+            for on_device, name in ((True, "batches_on_device"), (False, "batches_dataloader")):
+                batch_timings.setdefault(name, []).append(batch_s(cfg, on_device))
 
     summary: dict[str, Any] = {
         "device": train_speed.device_name(device),
@@ -231,6 +256,9 @@ def main() -> None:
         "overrides": args.overrides,
         "us_per_step": {
             name: [round(s * 1e6, 1) for s in times] for name, times in timings.items()
+        },
+        "us_per_batch": {
+            name: [round(s * 1e6, 1) for s in times] for name, times in batch_timings.items()
         },
     }
     mean = {name: sum(times) / len(times) * 1e6 for name, times in timings.items()}
@@ -246,6 +274,12 @@ def main() -> None:
         f"project/plain {mean['on_device'] / mean['plain']:.3f} (data on the device), "
         f"{mean['dataloader'] / mean['plain']:.3f} (DataLoader)"
     )
+    if batch_timings:
+        drawn = {name: sum(times) / len(times) * 1e6 for name, times in batch_timings.items()}
+        print(
+            f"Drawing a batch, nothing trained: {drawn['batches_on_device']:.1f} us on the "
+            f"device, {drawn['batches_dataloader']:.1f} us through the DataLoader"
+        )
     train_speed.print_json(summary, args.output)
 
 

@@ -106,6 +106,10 @@ def test_step_overhead_smoke_run_times_each_path(
     assert list(summary["us_per_step"]) == paths
     assert all(len(times) == 1 and times[0] > 0 for times in summary["us_per_step"].values())
     assert "Lightning's loop:" in stdout and "project/plain" in stdout
+    drawn = summary["us_per_batch"]  # on this CPU: the data paths alone
+    assert list(drawn) == ["batches_on_device", "batches_dataloader"]
+    assert all(len(times) == 1 and times[0] > 0 for times in drawn.values())
+    assert "Drawing a batch, nothing trained:" in stdout
 
 
 def test_airbench_reference_trains_airbench_on_the_project_data(
