@@ -19,6 +19,7 @@ from cifar_cnn.errors import UserError
 from hydra_plugins.cifar_cnn_launchers.submitit_jobs import (
     LocalJobsThatDieFail,
     SlurmJobsThatDieFail,
+    _stopped_since,
 )
 
 from .conftest import CONFIG_DIR
@@ -251,3 +252,50 @@ def test_a_job_killed_by_sigkill_fails_and_the_sweep_goes_on_to_its_summary(
     assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "completed"
     summary = (sweep / "summary.md").read_text()
     assert "(2 jobs," in summary and "| failed |" in summary and "| completed |" in summary
+
+
+def test_only_a_stop_recorded_since_the_jobs_submission_counts(tmp_path: Path) -> None:
+    record, submitted = tmp_path / "metrics.json", tmp_path / "submitted.pkl"
+    submitted.touch()
+    assert not _stopped_since(record, submitted)  # no record: killed before it wrote one
+    record.write_text(json.dumps({"status": "stopped", "error": "StoppedBySignal: ..."}))
+    assert _stopped_since(record, submitted)
+    os.utime(record, (0, submitted.stat().st_mtime - 60))  # an earlier attempt's record
+    assert not _stopped_since(record, submitted)
+    record.write_text(json.dumps({"status": "failed", "error": "..."}))
+    assert not _stopped_since(record, submitted)
+
+
+@pytest.mark.slow
+def test_a_job_stopped_by_sigterm_keeps_its_record_and_the_sweep_goes_on(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """The job saves its last.ckpt and records "stopped", then exits without a result: the
+    launcher keeps that record (a killed job's would say "failed") and the other job ends."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "seed=1,2",
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
+        "trainer.max_epochs=40", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    sweep_process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        last = sweep / "0" / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 180
+        while not last.exists():  # job 0 trains
+            assert sweep_process.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        os.kill(json.loads((sweep / "0" / "run_info.json").read_text())["pid"], signal.SIGTERM)
+        output, _ = sweep_process.communicate(timeout=300)
+    finally:
+        sweep_process.kill()
+    assert sweep_process.returncode == 1, output  # a job did not complete
+    assert "Traceback" not in output and "job 0 was stopped by a signal" in output
+    stopped = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert stopped["status"] == "stopped"
+    assert stopped["error"].startswith("StoppedBySignal: stopped by SIGTERM")
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "completed"
+    assert "| stopped |" in (sweep / "summary.md").read_text()

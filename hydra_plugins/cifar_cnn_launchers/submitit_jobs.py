@@ -1,7 +1,8 @@
 """Hydra's submitit launchers (hydra/launcher=local and =slurm), with jobs whose process is
 killed outright recorded as failed jobs instead of ending the sweep.
 
-A job that fails in Python is recorded by the job itself (cifar_cnn/jobs.py) and returns NaN.
+A job that fails in Python is recorded by the job itself (cifar_cnn/jobs.py) and returns NaN;
+one stopped by a signal records "stopped" and exits without a result, and its record stands.
 A job killed by SIGKILL (the kernel's out-of-memory killer, SLURM's memory limit) runs no
 more code: submitit finds no result and `Job.results()` raises, and Hydra's launcher, which
 reads the jobs' results one after another, ends the sweep there, without the other jobs'
@@ -36,7 +37,7 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from cifar_cnn.errors import UserError, exit_on_user_error
-from cifar_cnn.files import record_failure
+from cifar_cnn.files import read_record, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,9 @@ class JobsThatDieFail(BaseSubmititLauncher):
         except UncompletedJobError:
             pass
         folder = self._job_folder(overrides, number)
+        if _stopped_since(folder / "metrics.json", Path(job.paths.submitted_pickle)):
+            log.error("job %d was stopped by a signal: see its metrics.json", number)
+            return self._nan_result(overrides, folder)
         reason = (
             f"the job's process ended without a result (submitit: state {job.state}), killed "
             "by a signal such as SIGKILL, which the kernel's out-of-memory killer sends; its "
@@ -132,6 +136,10 @@ class JobsThatDieFail(BaseSubmititLauncher):
         log.error("job %d failed: %s", number, reason)
         if (folder / ".hydra").is_dir():  # else it died before Hydra made its folder
             record_failure(folder, "failed", f"KilledJob: {reason}")
+        return self._nan_result(overrides, folder)
+
+    def _nan_result(self, overrides: list[str], folder: Path) -> JobReturn:
+        """What a job that did not complete returns to the sweeper, as train_in_sweep does."""
         return JobReturn(
             overrides=overrides,
             working_dir=str(folder),
@@ -193,6 +201,21 @@ class LocalJobsThatDieFail(JobsThatDieFail, LocalLauncher):
         if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
             setup.append(f"export CUDA_VISIBLE_DEVICES={shlex.quote(visible)}")
         return {"local_setup": setup} if setup else {}
+
+
+def _stopped_since(record: Path, submitted: Path) -> bool:
+    """Whether `record` (a job's metrics.json) says the job was stopped by a signal, written
+    since `submitted` (submitit's record of this submission): a record of an earlier attempt
+    of the job does not count."""
+    written = read_record(record)
+    try:
+        return (
+            written is not None
+            and written.get("status") == "stopped"
+            and record.stat().st_mtime >= submitted.stat().st_mtime
+        )
+    except OSError:
+        return False
 
 
 class SlurmJobsThatDieFail(JobsThatDieFail, SlurmLauncher):
