@@ -150,7 +150,9 @@ def test_two_jobs_at_a_time_with_a_thread_each(
         assert f"seed={int(job) + 1}" in overrides  # each job in its own folder
         info = sweep / job / "run_info.json"
         assert json.loads(info.read_text())["cpu_threads"] == 1
-        started[job] = info.stat().st_mtime  # written as training starts
+        # Written as the job's process starts (a busy machine may delay its training until
+        # after a job started beside it has ended).
+        started[job] = (sweep / job / ".hydra" / "config.yaml").stat().st_mtime
         ended[job] = (sweep / job / "metrics.json").stat().st_mtime
     assert started["1"] < ended["0"] and started["0"] < ended["1"]  # the first two together
     assert started["2"] > min(ended["0"], ended["1"])  # the third in the place of one of them
