@@ -82,7 +82,7 @@ def test_each_jobs_threads_are_set_before_it_starts(
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     local = launcher(LocalJobsThatDieFail, **params)
-    assert local._setup(jobs) == ({"local_setup": setup} if setup else {})
+    assert local._setup(jobs) == ({"local_setup": ["trap : EXIT", *setup]} if setup else {})
 
 
 def test_local_jobs_keep_the_gpus_the_sweep_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,6 +158,29 @@ def test_two_jobs_at_a_time_with_a_thread_each(
     assert started["2"] > min(ended["0"], ended["1"])  # the third in the place of one of them
     summary = (sweep / "summary.md").read_text()
     assert "(3 jobs," in summary and summary.count("| completed |") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/bin/bash").is_file(), reason="needs /bin/bash")
+def test_jobs_with_setup_lines_run_where_the_shell_is_bash(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """bash runs the last command of `sh -c` in the shell's place, which would give submitit's
+    job controller the launcher's process id."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, str(ROOT / "tests" / "bash_job_shells.py"), "-m",
+        "hydra/launcher=shared_gpu", "hydra.launcher.max_concurrent_jobs=2", "seed=1,2",
+        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
+        "trainer.max_epochs=1", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "metrics.json").read_text())["status"] == "completed"
 
 
 @pytest.mark.slow

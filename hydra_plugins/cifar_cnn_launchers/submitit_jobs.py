@@ -200,7 +200,13 @@ class LocalJobsThatDieFail(JobsThatDieFail, LocalLauncher):
             setup.append(f"export OMP_NUM_THREADS={threads}")
         if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
             setup.append(f"export CUDA_VISIBLE_DEVICES={shlex.quote(visible)}")
-        return {"local_setup": setup} if setup else {}
+        if not setup:
+            return {}
+        # With setup lines submitit starts its job controller as `sh -c "<setup> && python
+        # ..."` and takes the shell's process id for the job's. Where /bin/sh is bash, recent
+        # versions run the last command in the shell's place unless a trap is left to run:
+        # the controller would take the launcher's process id, and every job would fail.
+        return {"local_setup": ["trap : EXIT", *setup]}
 
 
 def _stopped_since(record: Path, submitted: Path) -> bool:
