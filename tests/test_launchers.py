@@ -183,32 +183,47 @@ def test_jobs_with_setup_lines_run_where_the_shell_is_bash(
         assert json.loads((sweep / job / "metrics.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.slow
-def test_local_launcher_runs_a_sweep_and_a_preempted_job_continues(
-    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
-) -> None:
+def sweep_with_job_0_signalled(
+    signum: signal.Signals,
+    once: str,
+    max_epochs: int,
+    data_dir: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+) -> tuple[int, str, Path]:
+    """A local sweep of two jobs (seed=1,2) whose job 0 gets `signum` once its folder holds
+    `once` (run_info.json: it is about to train; checkpoints/last.ckpt: an epoch ended): the
+    sweep's exit status, its output and its folder."""
     sweep = tmp_path / "sweep"
     command = [
         sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "seed=1,2",
-        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
-        "trainer.max_epochs=40", f"hydra.sweep.dir={sweep}",
+        f"data.data_dir={data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
+        f"trainer.max_epochs={max_epochs}", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
     sweep_process = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        last = sweep / "0" / "checkpoints" / "last.ckpt"
         deadline = time.monotonic() + 180
-        while not last.exists():  # job 0 has finished an epoch
-            assert sweep_process.poll() is None and time.monotonic() < deadline, "no checkpoint"
-            time.sleep(0.05)
-        job_0 = json.loads((sweep / "0" / "run_info.json").read_text())
-        os.kill(job_0["pid"], signal.SIGUSR2)  # what SLURM sends before preemption
+        while not (sweep / "0" / once).exists():
+            assert sweep_process.poll() is None and time.monotonic() < deadline, f"no {once}"
+            time.sleep(0.02)
+        os.kill(json.loads((sweep / "0" / "run_info.json").read_text())["pid"], signum)
         output, _ = sweep_process.communicate(timeout=300)
     finally:
         sweep_process.kill()
-    assert sweep_process.returncode == 0, output
+    return sweep_process.returncode, output, sweep
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_a_sweep_and_a_preempted_job_continues(
+    tiny_data_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    returncode, output, sweep = sweep_with_job_0_signalled(
+        signal.SIGUSR2, "checkpoints/last.ckpt", 40, tiny_data_dir, cache_dir, tmp_path
+    )  # USR2: what SLURM sends before preemption
+    assert returncode == 0, output
 
     for job in ("0", "1"):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
@@ -248,27 +263,10 @@ def test_a_job_killed_by_sigkill_fails_and_the_sweep_goes_on_to_its_summary(
 ) -> None:
     """As the kernel's out-of-memory killer does: the job runs no more code, and submitit
     finds no result."""
-    sweep = tmp_path / "sweep"
-    command = [
-        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "seed=1,2",
-        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
-        "trainer.max_epochs=3", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
-    ]  # fmt: skip
-    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
-    sweep_process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    returncode, output, sweep = sweep_with_job_0_signalled(
+        signal.SIGKILL, "run_info.json", 3, tiny_data_dir, cache_dir, tmp_path
     )
-    try:
-        info = sweep / "0" / "run_info.json"
-        deadline = time.monotonic() + 180
-        while not info.exists():  # job 0 is about to train
-            assert sweep_process.poll() is None and time.monotonic() < deadline, "no job 0"
-            time.sleep(0.02)
-        os.kill(json.loads(info.read_text())["pid"], signal.SIGKILL)
-        output, _ = sweep_process.communicate(timeout=300)
-    finally:
-        sweep_process.kill()
-    assert sweep_process.returncode == 1, output  # a job did not complete
+    assert returncode == 1, output  # a job did not complete
     assert "Traceback" not in output
     assert "1 of 2 jobs did not complete: 0" in output
     killed = json.loads((sweep / "0" / "metrics.json").read_text())
@@ -297,27 +295,10 @@ def test_a_job_stopped_by_sigterm_keeps_its_record_and_the_sweep_goes_on(
 ) -> None:
     """The job saves its last.ckpt and records "stopped", then exits without a result: the
     launcher keeps that record (a killed job's would say "failed") and the other job ends."""
-    sweep = tmp_path / "sweep"
-    command = [
-        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "seed=1,2",
-        f"data.data_dir={tiny_data_dir}", "data.batch_size=10", "trainer.accelerator=cpu",
-        "trainer.max_epochs=40", "logger.tensorboard=null", f"hydra.sweep.dir={sweep}",
-    ]  # fmt: skip
-    env = {**os.environ, "CIFAR_CNN_CACHE_DIR": str(cache_dir)}
-    sweep_process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    returncode, output, sweep = sweep_with_job_0_signalled(
+        signal.SIGTERM, "checkpoints/last.ckpt", 40, tiny_data_dir, cache_dir, tmp_path
     )
-    try:
-        last = sweep / "0" / "checkpoints" / "last.ckpt"
-        deadline = time.monotonic() + 180
-        while not last.exists():  # job 0 trains
-            assert sweep_process.poll() is None and time.monotonic() < deadline, "no checkpoint"
-            time.sleep(0.05)
-        os.kill(json.loads((sweep / "0" / "run_info.json").read_text())["pid"], signal.SIGTERM)
-        output, _ = sweep_process.communicate(timeout=300)
-    finally:
-        sweep_process.kill()
-    assert sweep_process.returncode == 1, output  # a job did not complete
+    assert returncode == 1, output  # a job did not complete
     assert "Traceback" not in output and "job 0 was stopped by a signal" in output
     stopped = json.loads((sweep / "0" / "metrics.json").read_text())
     assert stopped["status"] == "stopped"
