@@ -17,9 +17,7 @@ def default_precision(accelerator: str) -> str:
     """`bf16-mixed` where `accelerator` puts the run on a CPU that computes bf16 natively
     (AVX512-BF16 or AMX), where it is the faster at the same accuracy; `32-true` elsewhere:
     other CPUs emulate bf16, and GPU runs keep float32 unless a recipe asks for bf16."""
-    if accelerator == "auto":
-        accelerator = _select_auto_accelerator()  # Lightning's own pick: tpu, mps, cuda, cpu
-    if accelerator != "cpu":
+    if not on_cpu(accelerator):
         return "32-true"
     # torch has no public test of these instructions; its own tests use these two.
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -29,7 +27,7 @@ def default_precision(accelerator: str) -> str:
 def on_cpu(accelerator: str) -> bool:
     """True when the trainer's `accelerator` puts it on the CPU on this machine."""
     if accelerator == "auto":
-        accelerator = _select_auto_accelerator()
+        accelerator = _select_auto_accelerator()  # Lightning's own pick: tpu, mps, cuda, cpu
     return accelerator == "cpu"
 
 
