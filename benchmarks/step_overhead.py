@@ -42,7 +42,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
@@ -167,9 +166,7 @@ def config_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> fl
         cfg.data.on_device = variant != "dataloader"
         if variant == "bare_step":
             cfg.model._target_ = f"{__name__}.BareTrainingStep"
-    datamodule = instantiate(cfg.data)  # a fresh one: the on-device path moves its tensors
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = train_speed.ready_datamodule(cfg.data)  # fresh: the on-device path moves it
     steps = train_speed.epoch_steps(args, datamodule)
     if variant == "plain":
         train = datamodule.data_train
@@ -182,12 +179,7 @@ def config_step_s(cfg: DictConfig, args: argparse.Namespace, variant: str) -> fl
 def batch_s(cfg: DictConfig, on_device: bool) -> float:
     """Seconds a batch to draw an epoch's training and validation batches on the CPU, through
     the DataLoader or sliced from the tensors (`data.on_device`), with nothing trained."""
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.data.on_device = on_device
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = train_speed.ready_datamodule(cfg.data, on_device=on_device)
     loaders = (datamodule.train_dataloader(), datamodule.val_dataloader())
     batches = 0
     start = time.perf_counter()
@@ -219,9 +211,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device(args.device)
     cfg = train_speed.compose_config(args)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = train_speed.ready_datamodule(cfg.data)
     train_speed.epoch_steps(args, datamodule)  # a bad --steps stops before the first round
 
     inputs = torch.randn(ROWS, 4, device=device)

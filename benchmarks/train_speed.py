@@ -56,9 +56,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = compose_config(args)
-    datamodule: CIFAR10DataModule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = ready_datamodule(cfg.data)
     train_images, train_labels = datamodule.data_train.images, datamodule.data_train.labels
     test_images, test_labels = datamodule.data_test.images, datamodule.data_test.labels
     batch_size = cfg.data.batch_size
@@ -189,6 +187,14 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="train_speed-")
         del cfg.hydra
     return cfg
+
+
+def ready_datamodule(data_cfg: DictConfig, **overrides: Any) -> CIFAR10DataModule:
+    """The config's data module (with `overrides` of its settings), decoded and split."""
+    datamodule: CIFAR10DataModule = instantiate(data_cfg, **overrides)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
 
 
 def epoch_steps(args: argparse.Namespace, datamodule: CIFAR10DataModule) -> int:
